@@ -1,0 +1,24 @@
+"""RMS and layer norms whose stored scale is offset by one, as upstream stores them."""
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.zeros((dims,))
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, (self.weight + 1.0).astype(x.dtype), self.eps)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dims: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.zeros((dims,))
+        self.bias = mx.zeros((dims,))
+
+    def __call__(self, x):
+        return mx.fast.layer_norm(x, (self.weight + 1.0).astype(x.dtype), self.bias.astype(x.dtype), self.eps)

@@ -1,0 +1,88 @@
+"""Timestep normalization: group statistics accumulated along time, as upstream's Welford merge.
+
+At step t, each group's mean/variance over its D/G features is merged with the running
+(count, mean, var) with equal weight per step, so after t steps the statistics are those of all
+features seen so far. Upstream walks the steps one by one; here the merge is written in closed
+form with cumulative sums (shifted by the first step's mean, summed in two levels for long
+sequences), which gives the same numbers in parallel. Statistics are float32 whatever x's dtype.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_SCAN_BLOCK = 1024
+
+
+class TimestepNormState(NamedTuple):
+    count: mx.array  # B      int64, steps seen
+    mean: mx.array   # B x G  float32
+    var: mx.array    # B x G  float32
+
+
+def cumsum_two_level(a: mx.array, axis: int = 1, block: int = _SCAN_BLOCK) -> mx.array:
+    """Inclusive float32 cumsum along ``axis`` (=1) summed within blocks, then across blocks,
+    which bounds rounding growth on million-step sequences."""
+    L = a.shape[axis]
+    if L <= block:
+        return mx.cumsum(a, axis=axis)
+    nb = -(-L // block)
+    pad = nb * block - L
+    if pad:
+        a = mx.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    blocks = a.reshape(a.shape[0], nb, block, *a.shape[2:])
+    inner = mx.cumsum(blocks, axis=2)
+    totals = inner[:, :, -1]
+    offsets = mx.cumsum(totals, axis=1) - totals
+    out = (inner + mx.expand_dims(offsets, 2)).reshape(a.shape[0], nb * block, *a.shape[2:])
+    return out[:, :L]
+
+
+def timestep_norm(x, weight, bias, state: TimestepNormState, num_groups: int, eps: float):
+    B, L, D = x.shape
+    xf = x.astype(mx.float32).reshape(B, L, num_groups, D // num_groups)
+    step_mean = xf.mean(axis=-1)                                  # B,L,G
+    step_var = mx.var(xf, axis=-1)                                # biased, as upstream
+    c0 = state.count.astype(mx.float32)[:, None, None]            # B,1,1
+    m0, v0 = state.mean[:, None], state.var[:, None]              # B,1,G
+    shift = step_mean[:, :1]
+    d = step_mean - shift
+    s1 = c0 * (m0 - shift) + cumsum_two_level(d)
+    s2 = c0 * (v0 + mx.square(m0 - shift)) + cumsum_two_level(step_var + mx.square(d))
+    n = c0 + mx.arange(1, L + 1, dtype=mx.float32)[None, :, None]
+    mean_off = s1 / n
+    mean = shift + mean_off
+    var = mx.maximum(s2 / n - mx.square(mean_off), 0.0)
+    rstd = mx.rsqrt(var + eps)
+    y = (xf - mean[..., None]) * rstd[..., None]
+    y = y.reshape(B, L, D) * (weight.astype(mx.float32) + 1.0) + bias.astype(mx.float32)
+    new_state = TimestepNormState(state.count + L, mean[:, -1], var[:, -1])
+    return y.astype(x.dtype), new_state
+
+
+class TimestepNorm(nn.Module):
+    def __init__(self, num_features: int, num_groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = mx.zeros((num_features,))
+        self.bias = mx.zeros((num_features,))
+        # Upstream buffers: the prior the running statistics start from (count 0 ignores it).
+        self.prior_count = mx.array(0, dtype=mx.int64)
+        self.prior_mean = mx.zeros((num_groups,))
+        self.prior_logv = mx.zeros((num_groups,))
+        self.freeze(recurse=False, keys=["prior_count", "prior_mean", "prior_logv"])
+
+    def initial_state(self, batch_size: int) -> TimestepNormState:
+        count = mx.broadcast_to(self.prior_count.astype(mx.int64), (batch_size,))
+        mean = mx.broadcast_to(self.prior_mean.astype(mx.float32), (batch_size, self.num_groups))
+        var = mx.broadcast_to(mx.exp(self.prior_logv.astype(mx.float32)), (batch_size, self.num_groups))
+        return TimestepNormState(count, mean, var)
+
+    def __call__(self, x: mx.array, state: Optional[TimestepNormState] = None):
+        if state is None:
+            state = self.initial_state(x.shape[0])
+        return timestep_norm(x, self.weight, self.bias, state, self.num_groups, self.eps)
