@@ -101,3 +101,13 @@ def load(path_or_repo, dtype: Optional[mx.Dtype] = None):
     if tokenizer_path is None or not Path(tokenizer_path).exists():
         raise CheckpointError(f"{path_or_repo}: no tokenizer.model found")
     return model, Tokenizer(str(tokenizer_path))
+
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+def default_model_path() -> Path:
+    """The small model shipped inside the package (used when no --model is given)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        raise CheckpointError(f"{DEFAULT_MODEL_DIR}: no default model is shipped in this build; pass --model")
+    return DEFAULT_MODEL_DIR

@@ -1,0 +1,9 @@
+import sys
+from pathlib import Path
+
+# The repository root (for ``import mlx_megalodon`` / ``import torch_ref``) and this folder (for
+# ``from factory import ...``) on sys.path, however pytest is started.
+_TESTS = Path(__file__).resolve().parent
+for _p in (str(_TESTS.parent), str(_TESTS)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
