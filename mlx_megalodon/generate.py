@@ -390,7 +390,10 @@ def main(argv=None) -> int:
         dtype = None if args.dtype is None else getattr(mx, args.dtype)
         model, tokenizer = load(model_path, dtype=dtype)
         if args.adapter_path is not None:
-            from .lora import load_adapters
+            try:
+                from .lora import load_adapters
+            except ImportError:
+                raise ValueError("--adapter-path: LoRA fine-tuning is not part of this version yet") from None
             load_adapters(model, args.adapter_path)
         if args.seed is not None:
             mx.random.seed(args.seed)
