@@ -52,25 +52,49 @@ class TimestepNormCache:
 
 
 class MegalodonCache(TimestepNormCache):
-    """One layer's state: TimestepNorm statistics, CEMA state (re, im) and current-chunk K/V."""
+    """One layer's state: TimestepNorm statistics, CEMA state (re, im) and current-chunk K/V.
 
-    def __init__(self):
+    Keys and values live in buffers of one chunk's length (B x H x chunk x d, RoPE applied to
+    keys); only the first ``offset % chunk`` rows are meaningful. Fixed shapes let one compiled
+    decoding step serve every position."""
+
+    def __init__(self, chunk_size: int):
         super().__init__()
+        self.chunk_size = chunk_size
         self.cema = None           # (re, im), each B x D x N float32
-        self.keys = None           # B x H x T x dz, RoPE already applied, T < chunk_size
-        self.values = None         # B x H x T x dv
+        self.keys = None           # B x H x chunk x dz
+        self.values = None         # B x H x chunk x dv
 
     @property
     def chunk_fill(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self.offset % self.chunk_size
+
+    def write_chunk(self, keys: mx.array, values: mx.array, start: int, chunk_size: int) -> None:
+        """Store rows [start, start + n) of the current chunk."""
+        n = keys.shape[2]
+        if self.keys is None or self.keys.shape[2] != chunk_size:
+            self.keys = self._fit(self.keys, keys, chunk_size)
+            self.values = self._fit(self.values, values, chunk_size)
+        self.keys[:, :, start:start + n] = keys
+        self.values[:, :, start:start + n] = values
+
+    @staticmethod
+    def _fit(buffer, like, chunk_size):
+        """A chunk-long buffer holding what ``buffer`` held (a cache read back from a file stores
+        only its filled rows)."""
+        out = mx.zeros((*like.shape[:2], chunk_size, like.shape[-1]), dtype=like.dtype)
+        if buffer is not None:
+            out[:, :, :buffer.shape[2]] = buffer.astype(like.dtype)
+        return out
 
     @property
     def state(self):
         if self.norm is None:
             return []
         arrays = list(self.norm) + list(self.cema)
-        if self.keys is not None:
-            arrays += [self.keys, self.values]
+        fill = self.chunk_fill
+        if self.keys is not None and fill:
+            arrays += [self.keys[:, :, :fill], self.values[:, :, :fill]]
         return arrays
 
     @state.setter

@@ -193,7 +193,7 @@ def prefill(model, tokens: mx.array, cache: List, step_size: int, progress: Opti
     logits = None
     for start in range(0, n, step_size):
         piece = tokens[start:start + step_size]
-        logits = model(piece[None], cache=cache)[:, -1]
+        logits = model(piece[None], cache=cache, last_only=True)[:, -1]
         mx.eval(logits, [c.state for c in cache])
         mx.clear_cache()
         if progress is not None:

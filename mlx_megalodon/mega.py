@@ -15,7 +15,7 @@ from .cache import MegalodonCache, TimestepNormCache
 from .config import ModelArgs
 from .moving_average_gated_attention import MovingAverageGatedAttention
 from .normalized_feedforward_network import NormalizedFeedForwardNetwork
-from .timestep_norm import TimestepNorm
+from .timestep_norm import TimestepNorm, TimestepNormState
 
 
 class MegaBlock(nn.Module):
@@ -35,11 +35,13 @@ class MegaOutputLayer(nn.Module):
         if not args.share_emb:
             self.output = nn.Linear(args.model_dim, args.output_dim, bias=False)
 
-    def __call__(self, x, embed: nn.Embedding, cache: Optional[TimestepNormCache] = None):
+    def __call__(self, x, embed: nn.Embedding, cache: Optional[TimestepNormCache] = None, last_only=False):
         x, state = self.final_norm(x, None if cache is None else cache.norm)
         if cache is not None:
             cache.norm = state
             cache.offset += x.shape[1]
+        if last_only:
+            x = x[:, -1:]
         return self.output(x) if "output" in self else embed.as_linear(x)
 
 
@@ -51,24 +53,77 @@ class Model(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.model_dim)
         self.layers = [MegaBlock(args, i) for i in range(args.num_layers)]
         self.output = MegaOutputLayer(args)
+        self._compiled_step = None
 
-    def __call__(self, inputs: mx.array, cache: Optional[List] = None) -> mx.array:
-        """inputs: B x L token ids -> B x L x vocab logits (float32)."""
+    def __call__(self, inputs: mx.array, cache: Optional[List] = None, *, last_only: bool = False) -> mx.array:
+        """inputs: B x L token ids -> B x L x vocab logits (float32); B x 1 x vocab with
+        ``last_only`` (prompt ingestion needs only the next-token distribution)."""
         if inputs.ndim != 2:
             raise ValueError(f"inputs must be a 2-D array of token ids (batch x length), got shape {inputs.shape}")
         if cache is not None and len(cache) != len(self.layers) + 1:
             raise ValueError(f"cache has {len(cache)} entries; this model needs {len(self.layers) + 1} "
                              f"(use model.make_cache())")
+        if cache is not None and inputs.shape[1] == 1 and not self.training:
+            return self._decode(inputs, cache)
         h = self.embed(inputs)
         if self.args.scale_emb:
             h = h * math.sqrt(self.args.model_dim)
         for i, layer in enumerate(self.layers):
             h = layer(h, None if cache is None else cache[i])
-        logits = self.output(h, self.embed, None if cache is None else cache[-1])
+        logits = self.output(h, self.embed, None if cache is None else cache[-1], last_only)
         return logits.astype(mx.float32)
 
     def make_cache(self) -> List:
-        return [MegalodonCache() for _ in self.layers] + [TimestepNormCache()]
+        return [MegalodonCache(self.args.chunk_size) for _ in self.layers] + [TimestepNormCache()]
+
+    # ------------------------------------------------------------------ one-token decoding
+    def _step(self, inputs, states, pos):
+        """Pure function of arrays: one token through every layer. ``states`` is a flat list of
+        per-layer (count, mean, var, cema_re, cema_im, keys, values) + the final norm's three."""
+        h = self.embed(inputs)
+        if self.args.scale_emb:
+            h = h * math.sqrt(self.args.model_dim)
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            count, mean, var, c_re, c_im, keys, values = states[7 * i: 7 * i + 7]
+            y, norm, cema, keys, values = layer.mega.step(
+                h, TimestepNormState(count, mean, var), (c_re, c_im), keys, values, pos)
+            h = layer.nffn(y, h)
+            new_states += [*norm, *cema, keys, values]
+        x, norm = self.output.final_norm(h, TimestepNormState(*states[-3:]))
+        logits = self.output.output(x) if "output" in self.output else self.embed.as_linear(x)
+        return logits.astype(mx.float32), new_states + list(norm)
+
+    def _decode(self, inputs, cache):
+        B = inputs.shape[0]
+        states = []
+        for layer, c in zip(self.layers, cache[:-1]):
+            m = layer.mega
+            if c.norm is None:
+                c.norm = m.timenorm.initial_state(B)
+                zeros = mx.zeros((B, self.args.model_dim, self.args.cema_ndim), dtype=mx.float32)
+                c.cema = (zeros, zeros)
+            if c.keys is None or c.keys.shape[2] != self.args.chunk_size:
+                dtype = m.wz.weight.dtype if m.wz.weight.dtype != mx.uint32 else m.wz.scales.dtype
+                c.keys = c._fit(c.keys, mx.zeros((B, m.num_heads, 1, m.z_head_dim), dtype), self.args.chunk_size)
+                c.values = c._fit(c.values, mx.zeros((B, m.num_heads, 1, m.v_head_dim), dtype),
+                                  self.args.chunk_size)
+            states += [*c.norm, *c.cema, c.keys, c.values]
+        final = cache[-1]
+        if final.norm is None:
+            final.norm = self.output.final_norm.initial_state(B)
+        states += list(final.norm)
+        if self._compiled_step is None:
+            self._compiled_step = mx.compile(self._step)
+        pos = mx.array(cache[0].chunk_fill, dtype=mx.int32)
+        logits, new_states = self._compiled_step(inputs, states, pos)
+        for i, c in enumerate(cache[:-1]):
+            count, mean, var, c_re, c_im, c.keys, c.values = new_states[7 * i: 7 * i + 7]
+            c.norm, c.cema = TimestepNormState(count, mean, var), (c_re, c_im)
+            c.offset += 1
+        final.norm = TimestepNormState(*new_states[-3:])
+        final.offset += 1
+        return logits
 
     def sanitize(self, weights: dict) -> dict:
         """Upstream keys -> this model: ``rope.freqs`` is derived from the config and a shared

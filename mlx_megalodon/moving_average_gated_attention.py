@@ -77,29 +77,41 @@ class MovingAverageGatedAttention(nn.Module):
         if fill == 0:
             out, k_rot = chunk_attention(q, k, v, C, self._periods)
             keep = L % C
-            cache.keys = k_rot[:, :, L - keep:] if keep else None
-            cache.values = v[:, :, L - keep:] if keep else None
+            if keep:
+                cache.write_chunk(k_rot[:, :, L - keep:], v[:, :, L - keep:], 0, C)
             return out
         # First finish the chunk in progress against its cached keys/values ...
         n = min(L, C - fill)
         q1 = apply_rope(q[:, :, :n], self._periods, offset=fill)
-        k1 = mx.concatenate([cache.keys, apply_rope(k[:, :, :n], self._periods, offset=fill)], axis=2)
-        v1 = mx.concatenate([cache.values, v[:, :, :n]], axis=2)
-        out = mx.fast.scaled_dot_product_attention(q1, k1, v1, scale=1.0, mask="causal" if n > 1 else None)
-        cache.keys, cache.values = (k1, v1) if fill + n < C else (None, None)
+        k1 = apply_rope(k[:, :, :n], self._periods, offset=fill)
+        cache.write_chunk(k1, v[:, :, :n], fill, C)
+        keys, values = cache.keys[:, :, :fill + n], cache.values[:, :, :fill + n]
+        out = mx.fast.scaled_dot_product_attention(q1, keys, values, scale=1.0, mask="causal" if n > 1 else None)
         if n == L:
             return out
         # ... then the rest starts fresh chunks.
+        cache.offset += n            # the rest's chunk position is derived from the offset
         rest = self._attend(q[:, :, n:], k[:, :, n:], v[:, :, n:], cache)
+        cache.offset -= n
         return mx.concatenate([out, rest], axis=2)
 
-    def __call__(self, x: mx.array, cache: Optional[MegalodonCache] = None) -> mx.array:
+    def _attend_step(self, q, k, v, keys, values, pos):
+        """One token at chunk position ``pos`` (an array, so a compiled step serves every position):
+        write its key/value into the fixed-size chunk buffers and attend to positions <= pos."""
+        q = apply_rope(q, self._periods, offset=pos)
+        k = apply_rope(k, self._periods, offset=pos)
+        slot = (mx.arange(self.chunk_size) == pos)[:, None]
+        keys, values = mx.where(slot, k, keys), mx.where(slot, v, values)
+        visible = mx.arange(self.chunk_size) <= pos
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=visible)
+        return out, keys, values
+
+    def _gates(self, x, norm_state, cema_state, need_state):
         B, L, _ = x.shape
         dtype = x.dtype
-        xn, norm_state = self.timenorm(x, None if cache is None else cache.norm)
-        c, cema_state = self.cema(xn, None if cache is None else cache.cema, return_state=cache is not None)
+        xn, norm_state = self.timenorm(x, norm_state)
+        c, cema_state = self.cema(xn, cema_state, return_state=need_state)
         mx_ = self.rmsnorm(c.astype(dtype))
-
         z = self.wz(mx_).reshape(B, L, self.num_heads, self.z_head_dim)
         z = mx.fast.rms_norm(z, None, self.eps).reshape(B, L, -1)
         scale = (self.gamma + 1.0) / math.sqrt(self.z_head_dim)
@@ -107,12 +119,25 @@ class MovingAverageGatedAttention(nn.Module):
         k = z * scale[1].astype(dtype) + self.beta[1].astype(dtype)
         v = nn.silu(self.wv(xn))
         r = nn.silu(self.wr(mx_))
+        heads = (self._heads(q, self.z_head_dim), self._heads(k, self.z_head_dim), self._heads(v, self.v_head_dim))
+        return heads, r, mx_, norm_state, cema_state
 
-        attn = self._attend(self._heads(q, self.z_head_dim), self._heads(k, self.z_head_dim),
-                            self._heads(v, self.v_head_dim), cache)
+    def _output(self, x, attn, r, mx_):
+        B, L, _ = x.shape
         attn = mx.swapaxes(attn, 1, 2).reshape(B, L, -1)
-        h = self.wh1(mx_) + self.wh2(attn * r)
+        return self.wh1(mx_) + self.wh2(attn * r) + x
+
+    def __call__(self, x: mx.array, cache: Optional[MegalodonCache] = None) -> mx.array:
+        (q, k, v), r, mx_, norm_state, cema_state = self._gates(
+            x, None if cache is None else cache.norm, None if cache is None else cache.cema, cache is not None)
+        attn = self._attend(q, k, v, cache)
         if cache is not None:
             cache.norm, cache.cema = norm_state, cema_state
-            cache.offset += L
-        return h + x
+            cache.offset += x.shape[1]
+        return self._output(x, attn, r, mx_)
+
+    def step(self, x, norm_state, cema_state, keys, values, pos):
+        """Decode one token from explicit state arrays (the compiled decoding path)."""
+        (q, k, v), r, mx_, norm_state, cema_state = self._gates(x, norm_state, cema_state, True)
+        attn, keys, values = self._attend_step(q, k, v, keys, values, pos)
+        return self._output(x, attn, r, mx_), norm_state, cema_state, keys, values

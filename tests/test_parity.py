@@ -33,6 +33,7 @@ def build_pair(overrides, seed=0):
     model = Model(args)
     weights = {k: mx.array(v.numpy()) for k, v in upstream_to_mlx(args, sd).items()}
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    model.eval()   # single-token calls with a cache then take the compiled decoding step
     return args, ref, model
 
 
@@ -96,6 +97,7 @@ def test_gradients_match_torch_ref(name):
     inputs, targets = toks[:, :-1], toks[:, 1:]
 
     ref.train()
+    model.train()
     ref.zero_grad()
     logits = ref(torch.from_numpy(inputs))
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, args.vocab_size),
