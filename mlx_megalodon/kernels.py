@@ -1,14 +1,490 @@
-"""Custom Metal/CUDA kernels and the switch that enables them (filled in by the kernels work)."""
-import os
+"""Custom Metal / CUDA kernels: the fused CEMA scan, and the switch that enables them.
 
+The kernel bodies are written once, in ``metal/cema_scan.body`` (backend-neutral C++), and put
+behind a thin per-backend prelude (``metal/prelude_metal.h``, ``prelude_cuda.h``; ``prelude_cpu.h``
+runs them one thread at a time on the CPU for tests). This module assembles them at first use into
+``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel`` objects; nothing is built at import, since
+constructing a CUDA kernel on a CPU-only MLX raises. ``python -m mlx_megalodon.kernels`` rewrites
+the generated, human-readable ``metal/cema_scan.metal`` and ``metal/cema_scan.cu`` (for reading and
+for the syntax check; MLX compiles the assembled strings, not these files).
+
+The scan is a chunked two-level scan over the sequence (see cema_scan.body for the maths): per
+chunk local end states from zero, a short sequential combine across chunks with q**C, then a
+re-scan of every chunk from its true incoming state. The backward pass is the same in reverse time
+and needs no stored forward states. ``MEGALODON_KERNELS=0`` forces the pure-ops path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+
+# ---------------------------------------------------------------------------------------------
+# Kernel sources
+
+_HERE = Path(__file__).resolve().parent
+# Installed: mlx_megalodon/metal (package data); from a checkout: <repo>/metal.
+_SOURCE_DIRS = (_HERE / "metal", _HERE.parent / "metal")
+
+
+def source_dir() -> Path:
+    for d in _SOURCE_DIRS:
+        if (d / "cema_scan.body").is_file():
+            return d
+    raise FileNotFoundError(f"kernel sources (cema_scan.body) not found in {list(map(str, _SOURCE_DIRS))}")
+
+
+# name -> (inputs, outputs, template parameters). An argument is (name, type) with type "T" (the
+# dtype of x), "float" or "int"; template parameters are ("T" | "NPT" | "NSPLIT").
+KERNELS: Dict[str, Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...], Tuple[str, ...]]] = {
+    "cema_fwd_local": (
+        (("x", "T"), ("p", "float"), ("log_mag", "float"), ("phase", "float"), ("params", "int")),
+        (("loc", "float"),),
+        ("T", "NPT", "NSPLIT"),
+    ),
+    "cema_fwd_combine": (
+        (("loc", "float"), ("h0_re", "float"), ("h0_im", "float"), ("log_mag", "float"), ("phase", "float"),
+         ("params", "int")),
+        (("h_in", "float"),),
+        ("NPT", "NSPLIT"),
+    ),
+    "cema_fwd_final": (
+        (("x", "T"), ("p", "float"), ("log_mag", "float"), ("phase", "float"), ("gamma_re", "float"),
+         ("gamma_im", "float"), ("omega", "float"), ("h0_re", "float"), ("h0_im", "float"), ("h_in", "float"),
+         ("params", "int")),
+        (("y", "float"), ("h_out_re", "float"), ("h_out_im", "float")),
+        ("T", "NPT", "NSPLIT"),
+    ),
+    "cema_bwd_local": (
+        (("gy", "float"), ("log_mag", "float"), ("phase", "float"), ("gamma_re", "float"),
+         ("gamma_im", "float"), ("params", "int")),
+        (("loc", "float"),),
+        ("NPT", "NSPLIT"),
+    ),
+    "cema_bwd_combine": (
+        (("loc", "float"), ("ghT_re", "float"), ("ghT_im", "float"), ("log_mag", "float"), ("phase", "float"),
+         ("params", "int")),
+        (("carry", "float"),),
+        ("NPT", "NSPLIT"),
+    ),
+    "cema_bwd_final": (
+        (("x", "T"), ("gy", "float"), ("p", "float"), ("log_mag", "float"), ("phase", "float"),
+         ("gamma_re", "float"), ("gamma_im", "float"), ("omega", "float"), ("h0_re", "float"), ("h0_im", "float"),
+         ("ghT_re", "float"), ("ghT_im", "float"), ("carry", "float"), ("params", "int")),
+        (("gx", "T"), ("part", "float"), ("gomega", "float"), ("gh0_re", "float"), ("gh0_im", "float")),
+        ("T", "NPT", "NSPLIT"),
+    ),
+}
+
+_MARK = re.compile(r"^//@ (header|entry|kernel (\w+))\s*$", re.M)
+
+
+def _sections(text: str) -> Dict[str, str]:
+    """Split a file at `//@ header`, `//@ entry`, `//@ kernel NAME` lines; text before the first
+    marker is kept under "" (a prelude's own header part)."""
+    out: Dict[str, str] = {}
+    marks = list(_MARK.finditer(text))
+    out[""] = text[: marks[0].start()] if marks else text
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        out[m.group(2) or m.group(1)] = text[m.end():end].strip("\n") + "\n"
+    return out
+
+
+@lru_cache(maxsize=None)
+def _read(name: str) -> str:
+    return (source_dir() / name).read_text()
+
+
+def assemble(backend: str, kernel: str) -> Tuple[str, str]:
+    """(header, body source) of one kernel for `backend` in {"metal", "cuda", "cpu"}."""
+    prelude = _sections(_read(f"prelude_{backend}.h"))
+    body = _sections(_read("cema_scan.body"))
+    if kernel not in body:
+        raise KeyError(kernel)
+    header = prelude[""].rstrip("\n") + "\n\n" + body["header"]
+    return header, prelude["entry"] + body[kernel]
+
+
+def _source_tag() -> str:
+    h = hashlib.sha1()
+    for f in ("cema_scan.body", "prelude_metal.h", "prelude_cuda.h", "prelude_cpu.h"):
+        h.update(_read(f).encode())
+    return h.hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated, readable sources (metal/cema_scan.metal, metal/cema_scan.cu) and the CPU harness
+
+_METAL_TYPES = {"float": "float", "int": "int", "T": "T"}
+_GEN_NOTE = "// GENERATED by `python -m mlx_megalodon.kernels` from cema_scan.body + {prelude}; do not edit.\n"
+# Instantiations written into the generated files (dtype, NPT, NSPLIT).
+_GEN_CONFIGS = (("float", 16, 1), ("float", 4, 4), ("bfloat16_t", 8, 2), ("half", 4, 4))
+_CUDA_DTYPE = {"float": "float", "bfloat16_t": "__nv_bfloat16", "half": "__half"}
+
+
+def _template_decl(kernel: str) -> str:
+    params = ["typename T" if t == "T" else f"int {t}" for t in KERNELS[kernel][2]]
+    return f"template <{', '.join(params)}>\n"
+
+
+def _template_args(kernel: str, dtype: str, npt: int, nsplit: int) -> str:
+    vals = {"T": dtype, "NPT": str(npt), "NSPLIT": str(nsplit)}
+    return "<" + ", ".join(vals[t] for t in KERNELS[kernel][2]) + ">"
+
+
+def _instances(kernel: str) -> List[Tuple[str, int, int]]:
+    seen, out = set(), []
+    for dt, npt, ns in _GEN_CONFIGS:
+        key = _template_args(kernel, dt, npt, ns)
+        if key not in seen:
+            seen.add(key)
+            out.append((dt, npt, ns))
+    return out
+
+
+def generate_metal() -> str:
+    """Every kernel as a full Metal function, with the signature mx.fast.metal_kernel would write."""
+    header, _ = assemble("metal", "cema_fwd_final")
+    parts = [_GEN_NOTE.format(prelude="prelude_metal.h"), header, "\n"]
+    for name, (ins, outs, _) in KERNELS.items():
+        _, src = assemble("metal", name)
+        args, i = [], 0
+        for arg, ty in ins:
+            args.append(f"  const device {_METAL_TYPES[ty]}* {arg} [[buffer({i})]]")
+            i += 1
+        for arg, ty in outs:
+            args.append(f"  device {_METAL_TYPES[ty]}* {arg} [[buffer({i})]]")
+            i += 1
+        args.append("  uint3 thread_position_in_grid [[thread_position_in_grid]]")
+        parts.append(f"// ---- kernel {name}\n" + _template_decl(name) + f"[[kernel]] void {name}(\n"
+                     + ",\n".join(args) + ") {\n" + src + "}\n")
+        for dt, npt, ns in _instances(name):
+            targs = _template_args(name, dt, npt, ns)
+            host = name + re.sub(r"[<>, ]+", "_", targs).rstrip("_")
+            parts.append(f'template [[host_name("{host}")]] [[kernel]] decltype({name}{targs}) {name}{targs};\n')
+        parts.append("\n")
+    return "".join(parts)
+
+
+def generate_cuda() -> str:
+    """Every kernel as a CUDA function in the shape mx.fast.cuda_kernel builds (MLX puts its own
+    header first: `#include "mlx/backend/cuda/device/utils.cuh"`, fp16/bf16 types, cooperative_groups;
+    MLX writes `using T = ...; constexpr int NPT = ...;` where this file has template parameters)."""
+    header, _ = assemble("cuda", "cema_fwd_final")
+    parts = [_GEN_NOTE.format(prelude="prelude_cuda.h"), "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n\n",
+             header, "\nnamespace mlx::core::cu {\n\n"]
+    for name, (ins, outs, _) in KERNELS.items():
+        _, src = assemble("cuda", name)
+        args = [f"    const {ty}* {arg}" for arg, ty in ins] + [f"    {ty}* {arg}" for arg, ty in outs]
+        parts.append(f"// ---- kernel {name}\n" + _template_decl(name) + f"__global__ void {name}(\n"
+                     + ",\n".join(args) + ") {\n" + src + "}\n")
+        for dt, npt, ns in _instances(name):
+            targs = _template_args(name, _CUDA_DTYPE[dt], npt, ns)
+            sig = ", ".join(f"const {(_CUDA_DTYPE[dt] if ty == 'T' else ty)}*" for _, ty in ins)
+            sig += ", " + ", ".join(f"{(_CUDA_DTYPE[dt] if ty == 'T' else ty)}*" for _, ty in outs)
+            parts.append(f"template __global__ void {name}{targs}({sig});\n")
+        parts.append("\n")
+    parts.append("}  // namespace mlx::core::cu\n")
+    return "".join(parts)
+
+
+def generate_cpu(npt: int) -> str:
+    """C++ that runs every kernel (T = float, NPT = npt, NSPLIT = 1) one thread at a time, with an
+    extern "C" entry `run_<kernel>(inputs..., outputs..., n_threads)` per kernel."""
+    header, _ = assemble("cpu", "cema_fwd_final")
+    parts = [header, "\n"]
+    for name, (ins, outs, _) in KERNELS.items():
+        _, src = assemble("cpu", name)
+        args = [f"const {ty}* {arg}" for arg, ty in ins] + [f"{ty}* {arg}" for arg, ty in outs]
+        parts.append(_template_decl(name) + f"static void {name}({', '.join(args)}, unsigned int mgk_cpu_tid) {{\n"
+                     + src + "}\n")
+        cargs = [f"const {'float' if ty == 'T' else ty}* {arg}" for arg, ty in ins] + \
+                [f"{'float' if ty == 'T' else ty}* {arg}" for arg, ty in outs]
+        names = ", ".join(a for a, _ in ins + outs)
+        parts.append(f'extern "C" void run_{name}({", ".join(cargs)}, unsigned int n_threads) {{\n'
+                     f"  for (unsigned int t = 0; t < n_threads; ++t) {name}{_template_args(name, 'float', npt, 1)}({names}, t);\n}}\n\n")
+    return "".join(parts)
+
+
+def write_generated(directory: Optional[Path] = None) -> List[Path]:
+    directory = Path(directory) if directory is not None else source_dir()
+    out = []
+    for fname, text in (("cema_scan.metal", generate_metal()), ("cema_scan.cu", generate_cuda())):
+        path = directory / fname
+        path.write_text(text)
+        out.append(path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends and launchers
 
 def kernels_enabled() -> bool:
     return os.environ.get("MEGALODON_KERNELS", "1") != "0"
 
 
+@lru_cache(maxsize=None)
+def gpu_backend() -> Optional[str]:
+    """"cuda" or "metal" when MLX has that GPU backend here, else None."""
+    try:
+        if mx.metal.is_available():
+            return "metal"
+    except Exception:
+        pass
+    try:
+        if mx.cuda.is_available():
+            return "cuda"
+    except Exception:
+        pass
+    return None
+
+
+class GpuLauncher:
+    """Builds each kernel on first use (never at import) and launches it on the default GPU stream."""
+    max_split = 32
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._kernels: Dict[str, object] = {}
+        # Threads per threadgroup / block: a multiple of the warp / simdgroup width (32).
+        self.threadgroup = 128
+
+    def _kernel(self, name: str):
+        k = self._kernels.get(name)
+        if k is None:
+            header, src = assemble(self.backend, name)
+            ins, outs, _ = KERNELS[name]
+            kname = f"mgk_{name}_{_source_tag()}"  # source hash in the name: no stale JIT cache
+            if self.backend == "cuda":
+                k = mx.fast.cuda_kernel(name=kname, input_names=[a for a, _ in ins],
+                                        output_names=[a for a, _ in outs], source=src, header=header)
+            else:
+                k = mx.fast.metal_kernel(name=kname, input_names=[a for a, _ in ins],
+                                         output_names=[a for a, _ in outs], source=src, header=header)
+            self._kernels[name] = k
+        return k
+
+    def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):
+        return self._kernel(name)(
+            inputs=inputs, template=templates, grid=(threads, 1, 1), threadgroup=(self.threadgroup, 1, 1),
+            output_shapes=output_shapes, output_dtypes=output_dtypes)
+
+
+class CpuLauncher:
+    """Runs the kernel bodies on the CPU through g++ and ctypes, one thread at a time (NSPLIT = 1,
+    float32 only). For tests of the kernels' arithmetic where no GPU exists; outputs start as NaN
+    so an element no thread writes shows up."""
+    max_split = 1
+
+    def __init__(self, workdir: Optional[str] = None):
+        self.workdir = workdir or tempfile.mkdtemp(prefix="mgk_cpu_")
+        self._libs: Dict[int, ctypes.CDLL] = {}
+
+    def _lib(self, npt: int) -> ctypes.CDLL:
+        lib = self._libs.get(npt)
+        if lib is None:
+            src = generate_cpu(npt)
+            tag = hashlib.sha1(src.encode()).hexdigest()[:10]
+            cpp = Path(self.workdir) / f"mgk_{npt}_{tag}.cpp"
+            so = cpp.with_suffix(".so")
+            if not so.exists():
+                cpp.write_text(src)
+                subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-o", str(so), str(cpp)],
+                               check=True, capture_output=True, text=True)
+            lib = self._libs[npt] = ctypes.CDLL(str(so))
+        return lib
+
+    def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):
+        import numpy as np
+        t = dict(templates)
+        assert t["NSPLIT"] == 1
+        fn = getattr(self._lib(t["NPT"]), f"run_{name}")
+        ins, outs, _ = KERNELS[name]
+        arrays = []
+        for a, (_, ty) in zip(inputs, ins):
+            arrays.append(np.ascontiguousarray(np.array(a.astype(mx.int32 if ty == "int" else mx.float32))))
+        results = [np.full(tuple(s), np.nan, dtype=np.float32) for s in output_shapes]
+        ptrs = [arr.ctypes.data_as(ctypes.c_void_p) for arr in arrays + results]
+        fn(*ptrs, ctypes.c_uint(threads))
+        return [mx.array(r).astype(dt) for r, dt in zip(results, output_dtypes)]
+
+
+_launcher_override = None
+
+
+def set_launcher(launcher) -> None:
+    """Tests: route every kernel launch through `launcher` (e.g. CpuLauncher()); None undoes it."""
+    global _launcher_override
+    _launcher_override = launcher
+
+
+@lru_cache(maxsize=None)
+def _gpu_launcher(backend: str) -> GpuLauncher:
+    return GpuLauncher(backend)
+
+
+def _launcher():
+    if _launcher_override is not None:
+        return _launcher_override
+    backend = gpu_backend()
+    if backend is None:
+        raise RuntimeError("no GPU backend for the custom kernels")
+    return _gpu_launcher(backend)
+
+
 def cema_kernel_available(length: int) -> bool:
-    return False
+    """True where cema_scan should use the kernel: kernels enabled, a GPU backend (or a test
+    launcher) present, and a non-empty sequence."""
+    if length < 1 or not kernels_enabled():
+        return False
+    return _launcher_override is not None or gpu_backend() is not None
 
 
-def cema_kernel_scan(x, coeffs, state=None, return_state=False):
-    raise NotImplementedError("no CEMA kernel on this backend")
+# ---------------------------------------------------------------------------------------------
+# The CEMA scan
+
+# Work split. Overridable (benchmarks, tests): threads wanted in flight per launch; shortest chunk;
+# most state dims one thread keeps in registers in the forward / backward scans.
+TARGET_THREADS = 264 * 1024
+MIN_CHUNK = 32
+FWD_MAX_NPT = 16
+BWD_MAX_NPT = 4
+CHUNK_OVERRIDE: Optional[int] = None  # tests: force this chunk length
+
+
+def _split(N: int, max_npt: int, max_split: int) -> int:
+    """Threads per (b, d): the smallest power of two dividing N that leaves <= max_npt dims each."""
+    s = 1
+    while N // s > max_npt and N % (2 * s) == 0 and 2 * s <= max_split:
+        s *= 2
+    return s
+
+
+def plan(B: int, L: int, D: int, nsplit: int, chunk: Optional[int] = None) -> Tuple[int, int, int]:
+    """(chunk length C, number of chunks NC, length of the last chunk)."""
+    if chunk is None:
+        chunk = CHUNK_OVERRIDE
+    if chunk is None:
+        want = max(1, TARGET_THREADS // max(1, B * D * nsplit))
+        chunk = max(MIN_CHUNK, -(-L // want))
+    chunk = max(1, min(int(chunk), L))
+    nc = -(-L // chunk)
+    return chunk, nc, L - (nc - 1) * chunk
+
+
+_PARAMS: Dict[Tuple[int, ...], mx.array] = {}
+
+
+def _params(*sizes: int) -> mx.array:
+    """The int32 size vector the kernels read (B, L, D, C, NC, LAST, 0, 0), made once per shape."""
+    a = _PARAMS.get(sizes)
+    if a is None:
+        if len(_PARAMS) > 256:
+            _PARAMS.clear()
+        a = _PARAMS[sizes] = mx.array([*sizes, 0, 0], dtype=mx.int32)
+        mx.eval(a)
+    return a
+
+
+_DUMMY: Dict[str, mx.array] = {}
+
+
+def _dummy() -> mx.array:
+    """Stand-in for a chunk-state input that no thread reads (a single chunk)."""
+    if "f" not in _DUMMY:
+        _DUMMY["f"] = mx.zeros((1,), mx.float32)
+        mx.eval(_DUMMY["f"])
+    return _DUMMY["f"]
+
+
+def _forward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im):
+    launch = _launcher()
+    B, L, D = x.shape
+    N = p.shape[-1]
+    f32 = mx.float32
+    s = _split(N, FWD_MAX_NPT, launch.max_split)
+    C, NC, LAST = plan(B, L, D, s)
+    params = _params(B, L, D, C, NC, LAST)
+    tx = [("T", x.dtype), ("NPT", N // s), ("NSPLIT", s)]
+    h_in = _dummy()
+    if NC > 1:
+        loc, = launch("cema_fwd_local", [x, p, log_mag, phase, params], tx, B * (NC - 1) * D * s,
+                      [(B, NC - 1, 2, N, D)], [f32])
+        h_in, = launch("cema_fwd_combine", [loc, h0_re, h0_im, log_mag, phase, params],
+                       [("NPT", N), ("NSPLIT", 1)], B * N * D, [(B, NC - 1, 2, N, D)], [f32])
+    y, h_re, h_im = launch(
+        "cema_fwd_final", [x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, h_in, params], tx,
+        B * NC * D * s, [(B, L, D), (B, D, N), (B, D, N)], [f32, f32, f32])
+    return y, h_re, h_im
+
+
+def _backward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, gy, ghT_re, ghT_im):
+    launch = _launcher()
+    B, L, D = x.shape
+    N = p.shape[-1]
+    f32 = mx.float32
+    gy, ghT_re, ghT_im = gy.astype(f32), ghT_re.astype(f32), ghT_im.astype(f32)
+    s = _split(N, BWD_MAX_NPT, launch.max_split)
+    C, NC, LAST = plan(B, L, D, s)
+    params = _params(B, L, D, C, NC, LAST)
+    carry = _dummy()
+    if NC > 1:
+        loc, = launch("cema_bwd_local", [gy, log_mag, phase, gamma_re, gamma_im, params],
+                      [("NPT", N // s), ("NSPLIT", s)], B * (NC - 1) * D * s, [(B, NC - 1, 6, N, D)], [f32])
+        carry, = launch("cema_bwd_combine", [loc, ghT_re, ghT_im, log_mag, phase, params],
+                        [("NPT", N), ("NSPLIT", 1)], B * N * D, [(B, NC - 1, 6, N, D)], [f32])
+    gx, part, gom, gh0_re, gh0_im = launch(
+        "cema_bwd_final",
+        [x, gy, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, ghT_re, ghT_im, carry, params],
+        [("T", x.dtype), ("NPT", N // s), ("NSPLIT", s)], B * NC * D * s,
+        [(B, L, D), (B * NC, 5, N, D), (B * NC, D), (B, D, N), (B, D, N)], [x.dtype, f32, f32, f32, f32])
+    part = mx.swapaxes(part.sum(axis=0), -1, -2)                    # 5 x D x N
+    gp, gq_re, gq_im, gg_re, gg_im = (part[i] for i in range(5))
+    mag = mx.exp(log_mag)
+    q_re, q_im = mag * mx.cos(phase), mag * mx.sin(phase)
+    g_log_mag = gq_re * q_re + gq_im * q_im                           # Re(conj(gq) q)
+    g_phase = gq_im * q_re - gq_re * q_im                             # Re(conj(gq) i q)
+    return gx, gp, g_log_mag, g_phase, gg_re, gg_im, gom.sum(axis=0), gh0_re, gh0_im
+
+
+@mx.custom_function
+def _cema_op(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im):
+    return _forward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im)
+
+
+@_cema_op.vjp
+def _cema_op_vjp(primals, cotangents, outputs):
+    gy, ghr, ghi = cotangents
+    return _backward(*primals, gy, ghr, ghi)
+
+
+def cema_kernel_scan(x, coeffs, state=None, return_state: bool = False):
+    """Same contract as cema_fft / cema_recurrence: x B x L x D (float32, bfloat16 or float16; the
+    scan accumulates in float32), coeffs a CEMACoefficients, state (re, im) B x D x N or None.
+    Returns (y float32 B x L x D, (re, im) or None). Differentiable (mx.grad) in every input."""
+    B, L, D = x.shape
+    N = coeffs.p.shape[-1]
+    f32 = mx.float32
+    if x.dtype not in (mx.float32, mx.bfloat16, mx.float16):
+        x = x.astype(f32)
+    c = [a.astype(f32) for a in coeffs]
+    if state is None:
+        h0_re = h0_im = mx.zeros((B, D, N), f32)
+    else:
+        h0_re, h0_im = (s.astype(f32) for s in state)
+    y, h_re, h_im = _cema_op(x, *c, h0_re, h0_im)
+    return y, ((h_re, h_im) if return_state else None)
+
+
+if __name__ == "__main__":
+    for path in write_generated():
+        print("wrote", path)

@@ -7,3 +7,8 @@ _TESTS = Path(__file__).resolve().parent
 for _p in (str(_TESTS.parent), str(_TESTS)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+# fp32 parity tests compare against float32/float64 references: keep MLX's CUDA matmuls in true
+# fp32 (MLX defaults to TF32 there). No effect on the CPU and Metal backends.
+import os as _os
+_os.environ.setdefault("MLX_ENABLE_TF32", "0")
