@@ -104,7 +104,7 @@ class Model(nn.Module):
                 zeros = mx.zeros((B, self.args.model_dim, self.args.cema_ndim), dtype=mx.float32)
                 c.cema = (zeros, zeros)
             if c.keys is None or c.keys.shape[2] != self.args.chunk_size:
-                dtype = m.wz.weight.dtype if m.wz.weight.dtype != mx.uint32 else m.wz.scales.dtype
+                dtype = self.embed(mx.zeros((1, 1), dtype=mx.int32)).dtype   # the compute dtype
                 c.keys = c._fit(c.keys, mx.zeros((B, m.num_heads, 1, m.z_head_dim), dtype), self.args.chunk_size)
                 c.values = c._fit(c.values, mx.zeros((B, m.num_heads, 1, m.v_head_dim), dtype),
                                   self.args.chunk_size)

@@ -1,0 +1,1019 @@
+"""Pretraining Megalodon on text: packed batches, AdamW + warmup/cosine, mixed precision, resumable.
+
+    python -m mlx_megalodon.train --preset NAME | --config CFG.json | --model DIR \\
+        --tokenizer tokenizer.model --train FILES... [--valid FILES...] --out DIR
+
+Mixed precision: the trainer keeps float32 master weights (the optimizer updates those); each step
+runs the model on a bfloat16 copy of them, except CEMA, the norms and the Q/K affine, which stay
+float32 (``config.is_full_precision_key``); gradients flow back through the cast in float32.
+
+Checkpoints (``DIR/checkpoints/step-NNNNNNNN``: master weights, optimizer state, step, data
+position, loss history, the RNG re-seed point) are written to a temporary folder and renamed into
+place, so a killed run leaves either the complete checkpoint or none; ``--resume`` continues from
+the newest one with the same losses an uninterrupted run would have produced (the settings that
+shape the run must match; ``--iters`` may grow to extend it).
+
+The reusable pieces (``loss_fn``, ``build_optimizer``, ``lr_at``, ``Trainer``, ``train``,
+``save_checkpoint`` / ``load_checkpoint``, ``write_model_dir``) take a model and arrays, not
+command-line state.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
+
+from .config import ConfigError, ModelArgs, PRESETS, is_full_precision_key, parameter_count
+from .data import Batch, BatchIterator, DataError, PackedDataset, iterate_batches
+
+PROG = "megalodon-train"
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+# Training-state fields that must match for --resume to continue the same run.
+RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "learning_rate", "min_lr_ratio", "warmup",
+               "beta1", "beta2", "eps", "weight_decay", "grad_clip", "seed", "compute_dtype")
+
+
+class TrainError(ValueError):
+    """A training setting or state that cannot work; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    seq_len: int = 1024
+    batch_size: int = 8
+    grad_accum: int = 1
+    iters: Optional[int] = 1000         # None: planned from the time budget
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1           # cosine decays to learning_rate * min_lr_ratio
+    warmup: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0              # 0 disables clipping
+    compute_dtype: str = "bfloat16"
+    grad_checkpoint: bool = False
+    compile: bool = True
+    val_every: int = 200                # 0: only the final validation
+    val_batches: int = 20               # batches per periodic validation; 0: the whole set
+    final_val_batches: int = 0          # 0: the whole validation set
+    keep_best: bool = False             # end with the weights of the best validation (needs val_batches 0)
+    save_every: int = 500               # 0: no periodic checkpoints
+    keep_checkpoints: int = 2
+    report_every: int = 10
+    seed: int = 0
+    time_budget_s: Optional[float] = None
+
+    def validate(self) -> None:
+        def positive_int(name, flag, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not allow_zero):
+                raise TrainError(f"{flag} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v}")
+
+        positive_int("seq_len", "--seq-len")
+        positive_int("batch_size", "--batch-size")
+        positive_int("grad_accum", "--grad-accum")
+        if self.iters is not None:
+            positive_int("iters", "--iters")
+        positive_int("warmup", "--warmup", allow_zero=True)
+        positive_int("val_every", "--val-every", allow_zero=True)
+        positive_int("val_batches", "--val-batches", allow_zero=True)
+        positive_int("final_val_batches", "--final-val-batches", allow_zero=True)
+        positive_int("save_every", "--save-every", allow_zero=True)
+        positive_int("keep_checkpoints", "--keep-checkpoints")
+        positive_int("report_every", "--report-every")
+        for name, flag in (("learning_rate", "--learning-rate"), ("eps", "--adam-eps")):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise TrainError(f"{flag} must be a positive number, got {v}")
+        for name, flag in (("weight_decay", "--weight-decay"), ("grad_clip", "--grad-clip")):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise TrainError(f"{flag} must be a non-negative number, got {v}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise TrainError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise TrainError(f"--{name} must be in [0, 1), got {v}")
+        if self.compute_dtype not in DTYPES:
+            raise TrainError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
+        if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+            raise TrainError(f"--time-budget-s must be a positive number, got {self.time_budget_s}")
+        if self.keep_best and (self.val_batches or self.final_val_batches):
+            raise TrainError("--keep-best compares whole validation passes: use it with --val-batches 0")
+        if self.iters is None and self.time_budget_s is None:
+            raise TrainError("give --iters or --time-budget-s (or both)")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+
+def check_seq_len(seq_len: int, chunk_size: int) -> None:
+    """Megalodon's chunk-wise attention trains on sequences shorter than a chunk or made of whole
+    chunks (upstream's rule)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise TrainError(f"--seq-len must be a positive integer, got {seq_len}")
+    if seq_len > chunk_size and seq_len % chunk_size:
+        lo = (seq_len // chunk_size) * chunk_size
+        raise TrainError(f"--seq-len {seq_len} is not compatible with the model's chunk_size {chunk_size}: it "
+                         f"must be at most {chunk_size} or a multiple of it (e.g. {lo} or {lo + chunk_size})")
+
+
+# ----------------------------------------------------------------------------- loss, optimizer, schedule
+def loss_fn(model, inputs: mx.array, targets: mx.array, mask: Optional[mx.array] = None
+            ) -> Tuple[mx.array, mx.array]:
+    """Mean next-token cross entropy over the tokens where ``mask`` is 1 -> (loss, token count)."""
+    logits = model(inputs)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+    if mask is None:
+        ntoks = mx.array(ce.size, dtype=mx.float32)
+        return ce.mean(), ntoks
+    mask = mask.astype(mx.float32)
+    ntoks = mask.sum()
+    return (ce * mask).sum() / mx.maximum(ntoks, 1.0), ntoks
+
+
+def default_decay_filter(path: str, param: mx.array) -> bool:
+    """Weight decay on matrices (linear layers, the embedding), not on biases, norms, CEMA or the
+    Q/K affine."""
+    return param.ndim >= 2 and not is_full_precision_key(path)
+
+
+class AdamW(optim.Adam):
+    """AdamW (decoupled weight decay, bias-corrected moments as in PyTorch) that decays only the
+    parameters ``decay_filter(path, param)`` selects."""
+
+    def __init__(self, learning_rate, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
+                 decay_filter: Callable[[str, mx.array], bool] = default_decay_filter,
+                 bias_correction: bool = True):
+        super().__init__(learning_rate, list(betas), eps, bias_correction)
+        self.weight_decay = weight_decay
+        self.decay_filter = decay_filter
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        if not self._initialized:
+            self.init(gradients)
+        for name, scheduler in self._schedulers.items():
+            self.state[name] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+
+        def one(path, g, p, s):
+            if self.weight_decay and self.decay_filter(path, p):
+                p = p * (1.0 - self.learning_rate.astype(p.dtype) * self.weight_decay)
+            return self.apply_single(g, p, s)
+        return tree_map_with_path(one, gradients, parameters, self.state)
+
+
+def build_optimizer(cfg: TrainConfig, decay_filter=default_decay_filter) -> AdamW:
+    """AdamW with the config's betas/eps/weight decay; the learning rate is set every step from
+    :func:`lr_at` (a plain value in the optimizer state, so the schedule can be re-planned)."""
+    return AdamW(lr_at(0, cfg, cfg.iters), (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, decay_filter)
+
+
+def lr_at(step: int, cfg: TrainConfig, total: Optional[int]) -> float:
+    """Learning rate for update number ``step`` (0-based): linear warmup over ``cfg.warmup`` updates,
+    then cosine decay to ``learning_rate * min_lr_ratio`` at ``total`` (None: not planned yet, so
+    no decay)."""
+    base = cfg.learning_rate
+    if cfg.warmup and step < cfg.warmup:
+        return base * (step + 1) / cfg.warmup
+    if total is None:
+        return base
+    progress = min(1.0, max(0.0, (step - cfg.warmup) / max(1, total - cfg.warmup)))
+    return base * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def cast_params(params, dtype: mx.Dtype):
+    """A copy of a parameter tree in ``dtype``, full-precision keys (CEMA, norms, Q/K affine) kept."""
+    if dtype == mx.float32:
+        return params
+    return tree_map_with_path(
+        lambda path, v: v if is_full_precision_key(path) or not mx.issubdtype(v.dtype, mx.floating)
+        else v.astype(dtype), params)
+
+
+def global_norm(grads) -> mx.array:
+    return mx.sqrt(sum(mx.square(g.astype(mx.float32)).sum() for _, g in tree_flatten(grads)))
+
+
+def clip_by_global_norm(grads, max_norm: float):
+    norm = global_norm(grads)
+    if max_norm <= 0:
+        return grads, norm
+    scale = mx.minimum(1.0, max_norm / (norm + 1e-6))
+    return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+_CHECKPOINTED: Dict[type, type] = {}
+
+
+def _checkpointed_class(base: type) -> type:
+    if base not in _CHECKPOINTED:
+        def __call__(self, x, cache=None):
+            if cache is not None:
+                return base.__call__(self, x, cache)
+
+            def inner(params, x):
+                self.update(params)
+                return base.__call__(self, x)
+            return mx.checkpoint(inner)(self.trainable_parameters(), x)
+        _CHECKPOINTED[base] = type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__})
+    return _CHECKPOINTED[base]
+
+
+def set_grad_checkpoint(model, enabled: bool = True) -> None:
+    """Recompute each block's activations in the backward pass (``mx.checkpoint`` around every
+    block) instead of keeping them: less memory, about a third more compute. Changes only these
+    layer objects' class, so parameter names and other models are untouched."""
+    for layer in model.layers:
+        cls = type(layer)
+        base = cls.__bases__[0] if cls in _CHECKPOINTED.values() else cls
+        layer.__class__ = _checkpointed_class(base) if enabled else base
+
+
+# ----------------------------------------------------------------------------- the step functions
+class Trainer:
+    """Owns the compiled train/eval steps for one model and optimizer.
+
+    ``step(batches)`` runs one optimizer update over ``len(batches)`` micro-batches (gradient
+    accumulation, weighted by token count) and returns lazy (loss, tokens, grad_norm) arrays.
+    """
+
+    def __init__(self, model, optimizer: AdamW, cfg: TrainConfig):
+        self.model = model
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.dtype = DTYPES[cfg.compute_dtype]
+        self.last_eval_batch_s: Optional[float] = None
+        if cfg.grad_checkpoint:
+            set_grad_checkpoint(model, True)
+        model.train()
+        optimizer.init(model.trainable_parameters())
+        self.state = [model.state, optimizer.state, mx.random.state]
+        dtype, clip = self.dtype, cfg.grad_clip
+
+        def loss_and_grads(inputs, targets, mask):
+            params = model.trainable_parameters()
+
+            def f(p):
+                model.update(cast_params(p, dtype))
+                return loss_fn(model, inputs, targets, mask)
+            (loss, ntoks), grads = mx.value_and_grad(f)(params)
+            model.update(params)
+            return loss, ntoks, grads
+
+        def fused_step(inputs, targets, mask):
+            loss, ntoks, grads = loss_and_grads(inputs, targets, mask)
+            grads, norm = clip_by_global_norm(grads, clip)
+            optimizer.update(model, grads)
+            return loss, ntoks, norm
+
+        def apply_step(grads, scale):
+            grads = tree_map(lambda g: g * scale, grads)
+            grads, norm = clip_by_global_norm(grads, clip)
+            optimizer.update(model, grads)
+            return norm
+
+        def eval_step(inputs, targets, mask):
+            params = model.trainable_parameters()
+            model.update(cast_params(params, dtype))
+            loss, ntoks = loss_fn(model, inputs, targets, mask)
+            model.update(params)
+            return loss * ntoks, ntoks
+
+        if cfg.compile:
+            wrap = partial(mx.compile, inputs=self.state, outputs=self.state)
+            self._fused, self._micro, self._apply = wrap(fused_step), wrap(loss_and_grads), wrap(apply_step)
+            self._eval = partial(mx.compile, inputs=[model.state], outputs=[model.state])(eval_step)
+        else:
+            self._fused, self._micro, self._apply, self._eval = fused_step, loss_and_grads, apply_step, eval_step
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
+
+    def step(self, batches: Sequence[Batch]):
+        arrays = [(mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask)) for b in batches]
+        if len(arrays) == 1:
+            return self._fused(*arrays[0])
+        acc, total, loss_sum = None, None, None
+        for inputs, targets, mask in arrays:
+            loss, ntoks, grads = self._micro(inputs, targets, mask)
+            grads = tree_map(lambda g: g * ntoks, grads)
+            acc = grads if acc is None else tree_map(mx.add, acc, grads)
+            total = ntoks if total is None else total + ntoks
+            loss_sum = loss * ntoks if loss_sum is None else loss_sum + loss * ntoks
+            mx.eval(acc, total, loss_sum)   # bound memory: one micro-batch's graph at a time
+        norm = self._apply(acc, 1.0 / mx.maximum(total, 1.0))
+        return loss_sum / mx.maximum(total, 1.0), total, norm
+
+    def evaluate(self, dataset: PackedDataset, batch_size: int, max_batches: int = 0) -> Tuple[float, int]:
+        """Mean loss over the first ``max_batches`` batches (0: all) of ``dataset`` in order."""
+        self.model.eval()
+        total_loss, total_n = 0.0, 0
+        times = []
+        try:
+            for i, b in enumerate(iterate_batches(dataset, batch_size, shuffle=False, loop=False)):
+                if max_batches and i >= max_batches:
+                    break
+                t = time.perf_counter()
+                s, n = self._eval(mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
+                mx.eval(s, n)
+                total_loss += s.item()
+                total_n += int(n.item())
+                times.append(time.perf_counter() - t)
+        finally:
+            self.model.train()
+        if times:  # the median leaves out a first call that compiled the eval step
+            self.last_eval_batch_s = float(np.median(times))
+        return (total_loss / total_n if total_n else float("nan")), total_n
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _write_atomic_dir(dst: Path, write: Callable[[Path], None]) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def save_checkpoint(directory, model, optimizer, state: dict) -> Path:
+    """Write ``directory`` (e.g. .../step-00000100) atomically: model.safetensors (all model arrays,
+    float32 masters), optimizer.safetensors (the flattened optimizer state) and trainer_state.json
+    (``state``: step, data position, history, ...)."""
+    def write(tmp: Path):
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                            metadata={"format": "mlx"})
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+    return _write_atomic_dir(Path(directory), write)
+
+
+def list_checkpoints(checkpoint_dir) -> List[Path]:
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
+    found = list_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def read_checkpoint_state(path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainError(f"{path}: unreadable checkpoint state ({e})") from None
+
+
+def load_checkpoint(path, model, optimizer) -> dict:
+    """Load weights and optimizer state from a checkpoint folder into ``model`` / ``optimizer``;
+    returns its trainer state."""
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    try:
+        weights = mx.load(str(path / "model.safetensors"))
+        opt = mx.load(str(path / "optimizer.safetensors"))
+    except Exception as e:
+        raise TrainError(f"{path}: unreadable checkpoint ({' '.join(str(e).split())})") from None
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise TrainError(f"{path}: checkpoint does not fit the model ({' '.join(str(e).split())})") from None
+    optimizer.state = tree_unflatten(list(opt.items()))
+    optimizer.init(model.trainable_parameters())  # marks it initialized; keeps the loaded moments
+    mx.eval(model.parameters(), optimizer.state)
+    return state
+
+
+def _reseed(seed: int, step: int) -> None:
+    """The MLX RNG key from (seed, step): set at every checkpoint and on resume, so random ops
+    (none today: no dropout) continue identically after a resume."""
+    mx.random.seed((seed * 1_000_003 + step) % (2 ** 63))
+
+
+# ----------------------------------------------------------------------------- the training loop
+@dataclass
+class TrainResult:
+    step: int
+    iters: int
+    tokens: int
+    elapsed_s: float
+    stop_reason: str
+    train_losses: List[Tuple[int, float]]
+    val_history: List[Tuple[int, float]]
+    final_val_loss: Optional[float] = None
+    final_val_tokens: int = 0
+    tokens_per_sec: float = 0.0
+    best_step: Optional[int] = None     # set when keep_best restored an earlier step's weights
+
+    @property
+    def final_val_ppl(self) -> Optional[float]:
+        return None if self.final_val_loss is None else math.exp(min(self.final_val_loss, 50.0))
+
+
+class _Display:
+    """Rich progress bar plus plain log lines; silent when ``quiet``."""
+
+    def __init__(self, total: Optional[int], start: int, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+        if quiet:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=self.console, transient=False,
+                                 disable=not self.console.is_terminal)
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-")
+        self.progress.start()
+
+    def update(self, step: int, total: Optional[int], loss: float, tps: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, total=total, loss=f"{loss:.4f}",
+                                 tps=f"{tps:,.0f}")
+
+    def log(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self.progress is not None and self.console.is_terminal:
+            self.progress.console.print(msg, highlight=False)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], cfg: TrainConfig, *,
+          checkpoint_dir=None, resume: bool = False, deadline: Optional[float] = None,
+          quiet: bool = False, on_step: Optional[Callable[[int, float], None]] = None,
+          extra_state: Optional[dict] = None) -> TrainResult:
+    """Train ``model`` in place. ``deadline`` (``time.perf_counter()`` seconds; default now +
+    ``cfg.time_budget_s``) stops training cleanly in time for the final validation. With
+    ``cfg.iters`` None the number of updates is planned from the time budget after a few steps.
+    ``on_step(step, loss)`` is called after every update (tests use it to interrupt a run)."""
+    cfg.validate()
+    check_seq_len(cfg.seq_len, model.args.chunk_size)
+    if train_set.seq_len != cfg.seq_len or (valid_set is not None and valid_set.seq_len != cfg.seq_len):
+        raise TrainError("datasets were packed with a different sequence length than --seq-len")
+    t0 = time.perf_counter()
+    if deadline is None and cfg.time_budget_s is not None:
+        deadline = t0 + cfg.time_budget_s
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    optimizer = build_optimizer(cfg)
+    iterator = BatchIterator(train_set, cfg.batch_size, cfg.seed)
+    data_fp = train_set.stream.fingerprint()
+    step, tokens, planned = 0, 0, cfg.iters
+    train_losses: List[Tuple[int, float]] = []
+    val_history: List[Tuple[int, float]] = []
+    prior_elapsed = 0.0
+    if resume:
+        latest = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        if latest is None:
+            raise TrainError(f"--resume: no checkpoint in {ckpt_dir}")
+        state = load_checkpoint(latest, model, optimizer)
+        saved = state.get("train_config", {})
+        for key in RESUME_KEYS:
+            if key in saved and saved[key] != getattr(cfg, key):
+                raise TrainError(f"--resume: {key} was {saved[key]!r} in {latest.name}, now {getattr(cfg, key)!r}; "
+                                 f"resume with the same training settings")
+        if state.get("data_fingerprint") not in (None, data_fp):
+            raise TrainError(f"--resume: the training data differs from the data of {latest.name} "
+                             f"(tokenized corpus fingerprint {state['data_fingerprint']} vs {data_fp})")
+        iterator.load_state_dict(state["data"])
+        step, tokens = int(state["step"]), int(state["tokens"])
+        planned = state.get("planned_iters") if cfg.iters is None else cfg.iters
+        train_losses = [tuple(x) for x in state.get("train_losses", [])]
+        val_history = [tuple(x) for x in state.get("val_history", [])]
+        prior_elapsed = float(state.get("elapsed_s", 0.0))
+        _reseed(cfg.seed, step)
+    else:
+        _reseed(cfg.seed, 0)
+
+    trainer = Trainer(model, optimizer, cfg)
+    val_bs = cfg.batch_size
+    display = _Display(planned, step, quiet)
+    if not quiet:
+        display.log(f"{parameter_count(model.args):,} parameters; {len(train_set):,} training rows of "
+                    f"{cfg.seq_len} tokens ({train_set.num_tokens:,} tokens), {cfg.tokens_per_step:,} tokens/step"
+                    + (f"; resuming at step {step}" if step else ""))
+
+    def state_dict(elapsed: float) -> dict:
+        return {"step": step, "tokens": tokens, "planned_iters": planned, "data": iterator.state_dict(),
+                "data_fingerprint": data_fp, "train_config": dataclasses.asdict(cfg),
+                "model_args": model.args.to_dict(), "train_losses": train_losses, "val_history": val_history,
+                "elapsed_s": elapsed, **(extra_state or {})}
+
+    def checkpoint() -> None:
+        mx.eval(trainer.state)
+        save_checkpoint(ckpt_dir / f"step-{step:08d}", model, optimizer, state_dict(prior_elapsed + time.perf_counter() - t0))
+        for old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        _reseed(cfg.seed, step)
+
+    step_times: List[float] = []
+    eval_time_per_batch: Optional[float] = None
+    n_final_val = 0
+    if valid_set is not None and len(valid_set):
+        n_val_rows = len(valid_set)
+        n_final_val = -(-n_val_rows // val_bs)
+        if cfg.final_val_batches:
+            n_final_val = min(n_final_val, cfg.final_val_batches)
+
+    def eval_batch_s() -> float:
+        if eval_time_per_batch is not None:
+            return eval_time_per_batch
+        return 0.4 * float(np.median(step_times)) / cfg.grad_accum if step_times else 0.0
+
+    # Time kept for the final validation: its estimate, but at most a fifth of the training time
+    # (the final validation is trimmed to what is left, see below).
+    reserve_cap = 0.2 * (deadline - t0) if deadline is not None else float("inf")
+
+    def reserve_s() -> float:
+        return 1.0 + min(1.3 * eval_batch_s() * n_final_val, reserve_cap)
+
+    best = None   # (step, validation loss, parameters) for keep_best
+    plan_at = step + 12
+    stop_reason = "iterations done"
+    window_t, window_tokens = time.perf_counter(), 0
+    pending = None   # (step, loss array, ntoks array): read one step late so the device stays busy
+    last_loss = float("nan")
+
+    def settle(p) -> None:
+        nonlocal last_loss
+        s, loss_a, _ = p
+        last_loss = float(loss_a.item())
+        if not math.isfinite(last_loss):
+            raise TrainError(f"loss became {last_loss} at step {s}; lower --learning-rate or check the data")
+        train_losses.append((s, last_loss))
+        if on_step is not None:
+            on_step(s, last_loss)
+
+    try:
+        last_t = time.perf_counter()
+        while planned is None or step < planned:
+            now = time.perf_counter()
+            if deadline is not None and step_times:
+                if now + float(np.median(step_times[-20:])) + reserve_s() > deadline:
+                    stop_reason = "time budget reached"
+                    break
+            trainer.set_learning_rate(lr_at(step, cfg, planned))
+            batches = [next(iterator) for _ in range(cfg.grad_accum)]
+            loss, ntoks, _norm = trainer.step(batches)
+            mx.async_eval(trainer.state, loss, ntoks)
+            step += 1
+            tokens += sum(b.num_tokens for b in batches)
+            window_tokens += sum(b.num_tokens for b in batches)
+            if pending is not None:
+                settle(pending)
+            pending = (step, loss, ntoks)
+            t = time.perf_counter()
+            step_times.append(t - last_t)
+            last_t = t
+            if len(step_times) == 2:       # drop the first (compilation) steps from the timing
+                step_times = step_times[1:]
+
+            # plan the schedule from the measured speed
+            if planned is None and step >= plan_at and deadline is not None:
+                settle(pending)
+                pending = None
+                per_step = float(np.median(step_times[-10:]))
+                val_cost = 0.0
+                if cfg.val_every and valid_set is not None:
+                    nb = cfg.val_batches or n_final_val
+                    val_cost = 0.4 * per_step / cfg.grad_accum * nb / cfg.val_every
+                budget = deadline - time.perf_counter() - reserve_s()
+                planned = max(step + 1, step + int(0.97 * budget / (per_step + val_cost)))
+                if planned <= cfg.warmup:
+                    planned = cfg.warmup + 1
+                display.log(f"time budget: planned {planned} steps ({per_step * 1000:.0f} ms/step)")
+
+            report = step % cfg.report_every == 0 or step == planned
+            do_val = cfg.val_every and step % cfg.val_every == 0 and valid_set is not None and len(valid_set) \
+                and step != planned
+            do_save = ckpt_dir is not None and cfg.save_every and step % cfg.save_every == 0
+            if report or do_val or do_save:
+                if pending is not None:
+                    settle(pending)
+                    pending = None
+            if report:
+                dt = time.perf_counter() - window_t
+                tps = window_tokens / dt if dt > 0 else 0.0
+                window_t, window_tokens = time.perf_counter(), 0
+                display.update(step, planned, last_loss, tps)
+                display.log(f"step {step}{'/' + str(planned) if planned else ''}: loss {last_loss:.4f}, "
+                            f"lr {lr_at(step - 1, cfg, planned):.2e}, {tps:,.0f} tok/s, "
+                            f"{prior_elapsed + time.perf_counter() - t0:.0f}s")
+            if do_val:
+                est = (eval_time_per_batch or 0.0) * (cfg.val_batches or n_final_val)
+                if deadline is None or time.perf_counter() + est + reserve_s() < deadline:
+                    vloss, n = trainer.evaluate(valid_set, val_bs, cfg.val_batches)
+                    eval_time_per_batch = trainer.last_eval_batch_s
+                    val_history.append((step, vloss))
+                    display.log(f"step {step}: validation loss {vloss:.4f}, perplexity {math.exp(min(vloss, 50)):.2f}")
+                    if cfg.keep_best and (best is None or vloss < best[1]):
+                        best = (step, vloss, model.parameters())   # references: updates make new arrays
+                last_t = time.perf_counter()
+            if do_save:
+                checkpoint()
+                last_t = time.perf_counter()
+        if pending is not None:
+            settle(pending)
+            pending = None
+    finally:
+        display.close()
+
+    if ckpt_dir is not None and cfg.save_every and step and not (list_checkpoints(ckpt_dir) and
+                                                                 list_checkpoints(ckpt_dir)[-1].name == f"step-{step:08d}"):
+        checkpoint()
+    train_time = time.perf_counter() - t0
+    result = TrainResult(step=step, iters=planned or step, tokens=tokens, elapsed_s=prior_elapsed + train_time,
+                         stop_reason=stop_reason, train_losses=train_losses, val_history=val_history)
+    if step_times:
+        result.tokens_per_sec = cfg.tokens_per_step / float(np.median(step_times))
+    if valid_set is not None and len(valid_set):
+        n_batches = cfg.final_val_batches
+        if deadline is not None and eval_batch_s() > 0:
+            fit = max(1, int((deadline - time.perf_counter() - 0.5) / (1.1 * eval_batch_s())))
+            if fit < n_final_val:
+                n_batches = fit
+                display.log(f"final validation trimmed to {fit} of {n_final_val} batches to fit the time budget")
+        vloss, n = trainer.evaluate(valid_set, val_bs, n_batches)
+        result.final_val_loss, result.final_val_tokens = vloss, n
+        if not val_history or val_history[-1][0] != step:
+            val_history.append((step, vloss))
+        if not quiet:
+            display.log(f"final validation ({n:,} tokens): loss {vloss:.4f}, perplexity {result.final_val_ppl:.2f}")
+        if best is not None and best[1] < vloss and n_batches == cfg.final_val_batches and best[0] != step:
+            model.update(best[2])
+            result.best_step, result.final_val_loss = best[0], best[1]
+            display.log(f"keeping the weights of step {best[0]} (validation loss {best[1]:.4f} < {vloss:.4f})")
+    if cfg.grad_checkpoint:
+        set_grad_checkpoint(model, False)
+    model.eval()
+    return result
+
+
+# ----------------------------------------------------------------------------- output
+def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}.{path.name}")  # keeps the suffix
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model, dtype: mx.Dtype = mx.bfloat16) -> Dict[str, mx.array]:
+    """The model's arrays as they go to disk: floating weights in ``dtype`` except the
+    full-precision keys (as ``utils.cast_model``), buffers as they are."""
+    return {k: v if is_full_precision_key(k) or not mx.issubdtype(v.dtype, mx.floating) else v.astype(dtype)
+            for k, v in tree_flatten(model.parameters())}
+
+
+def write_model_dir(model, tokenizer_path, out_dir, dtype: mx.Dtype = mx.bfloat16,
+                    max_file_bytes: Optional[int] = None) -> Path:
+    """Write (or overwrite) the MLX model files in ``out_dir``: config.json, model.safetensors and
+    tokenizer.model, each replaced atomically; with ``max_file_bytes`` the weights are split into
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json shards no larger than that.
+    Other files in ``out_dir`` (checkpoints, logs) are left alone."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = save_weights(model, dtype)
+    mx.eval(weights)
+    total = sum(v.nbytes for v in weights.values())
+    shards: List[Dict[str, mx.array]] = [{}]
+    if max_file_bytes and total > max_file_bytes:
+        size = 0
+        for k, v in weights.items():
+            if shards[-1] and size + v.nbytes > max_file_bytes - 65536:  # header room
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += v.nbytes
+    for stale in list(out.glob("model-*-of-*.safetensors")) + [out / "model.safetensors.index.json",
+                                                                out / "model.safetensors"]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _atomic_file(out / "model.safetensors",
+                     lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}))
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            _atomic_file(out / name, lambda p, s=shard: mx.save_safetensors(str(p), s, metadata={"format": "mlx"}))
+            weight_map.update({k: name for k in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_file(out / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
+    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
+        _atomic_file(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
+    _atomic_file(out / "config.json", lambda p: p.write_text(json.dumps(model.args.to_dict(), indent=2) + "\n"))
+    return out
+
+
+def plot_losses(result: TrainResult, path, title: str = "Megalodon training") -> Optional[Path]:
+    """PNG of the training loss (raw and smoothed) and validation loss; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if result.train_losses:
+        s, l = np.array(result.train_losses, dtype=np.float64).T
+        ax.plot(s, l, color="tab:blue", alpha=0.25, lw=0.8, label="train")
+        if len(l) > 5:
+            ema, acc = np.empty_like(l), l[0]
+            a = min(0.5, 10.0 / len(l))
+            for i, v in enumerate(l):
+                acc = (1 - a) * acc + a * v
+                ema[i] = acc
+            ax.plot(s, ema, color="tab:blue", lw=1.6, label="train (smoothed)")
+    if result.val_history:
+        s, l = np.array(result.val_history, dtype=np.float64).T
+        ax.plot(s, l, "o-", color="tab:orange", ms=3.5, lw=1.2, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    sub = f"{result.tokens:,} tokens"
+    if result.final_val_loss is not None:
+        sub += f"; final validation loss {result.final_val_loss:.3f}, perplexity {result.final_val_ppl:.2f}"
+    ax.set_title(f"{title}\n{sub}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    _atomic_file(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- model set-up
+def model_args_from(preset_name: Optional[str], config_path: Optional[str], vocab_size: int) -> ModelArgs:
+    """``--preset`` and/or ``--config`` (a JSON object of ModelArgs fields, or an upstream config with a
+    "model" section; its fields override the preset's). vocab_size defaults to the tokenizer's."""
+    fields: dict = {}
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            raise ConfigError(f"unknown --preset '{preset_name}' (known: {', '.join(PRESETS)})")
+        fields.update(PRESETS[preset_name])
+    if config_path is not None:
+        try:
+            cfg = json.loads(Path(config_path).read_text())
+        except OSError as e:
+            raise ConfigError(f"{config_path}: cannot read ({e.strerror or e})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+        upstream = isinstance(cfg, dict) and isinstance(cfg.get("model"), dict)
+        if upstream:
+            cfg = {k: v for k, v in cfg["model"].items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{config_path}: expected a JSON object of model fields")
+        unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(ModelArgs)})
+        if unknown:
+            raise ConfigError(f"{config_path}: unknown model field(s) {', '.join(unknown)}")
+        fields.update(cfg)
+    if fields.get("vocab_size", -1) in (-1, None):
+        fields["vocab_size"] = vocab_size
+    elif fields["vocab_size"] < vocab_size:
+        raise ConfigError(f"model vocab_size {fields['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    try:
+        return ModelArgs.from_dict(fields)
+    except TypeError as e:
+        raise ConfigError(f"{config_path or preset_name}: {e}") from None
+
+
+def new_model(args: ModelArgs, seed: int = 0):
+    from .mega import Model
+    mx.random.seed(seed)
+    model = Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def to_float32(model) -> None:
+    """Master weights in float32 (e.g. after loading a bfloat16 model directory)."""
+    model.update(tree_map(lambda v: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v,
+                          model.trainable_parameters()))
+    mx.eval(model.parameters())
+
+
+# ----------------------------------------------------------------------------- command line
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Pretrain a Megalodon model on text or jsonl files.")
+    src = p.add_argument_group("model")
+    src.add_argument("--preset", help=f"model preset ({', '.join(PRESETS)})")
+    src.add_argument("--config", help="JSON file of ModelArgs fields (override the preset's)")
+    src.add_argument("--model", help="continue training an MLX model directory")
+    src.add_argument("--tokenizer", help="SentencePiece model (default: the --model directory's)")
+    d = p.add_argument_group("data")
+    d.add_argument("--train", nargs="+", required=True, metavar="PATH",
+                   help="text files (one document each), .jsonl files ({\"text\": ...} per line) or directories")
+    d.add_argument("--valid", nargs="+", metavar="PATH", help="validation files (default: hold out --val-fraction)")
+    d.add_argument("--val-fraction", type=float, default=0.05,
+                   help="tail of the training tokens held out when --valid is not given (0: no validation)")
+    d.add_argument("--text-key", default="text")
+    d.add_argument("--max-doc-chars", type=int, default=None, help="reject documents longer than this")
+    d.add_argument("--cache-dir", help="keep tokenized corpora here (default: OUT/data-cache)")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the model's chunk_size)")
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update")
+    o.add_argument("--iters", type=int, default=None, help="updates (default 1000, or planned from --time-budget-s)")
+    o.add_argument("--learning-rate", "--lr", type=float, default=3e-4)
+    o.add_argument("--min-lr-ratio", type=float, default=0.1)
+    o.add_argument("--warmup", type=int, default=100)
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.95)
+    o.add_argument("--adam-eps", type=float, default=1e-8)
+    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm clip (0: off)")
+    o.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES), help="compute dtype")
+    o.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
+    o.add_argument("--no-compile", action="store_true", help="do not mx.compile the train step")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--time-budget-s", type=float, default=None, help="stop training cleanly after this long")
+    r = p.add_argument_group("output")
+    r.add_argument("--out", required=True, help="output MLX model directory (checkpoints under OUT/checkpoints)")
+    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    r.add_argument("--save-every", type=int, default=500)
+    r.add_argument("--keep-checkpoints", type=int, default=2)
+    r.add_argument("--val-every", type=int, default=200)
+    r.add_argument("--val-batches", type=int, default=20, help="batches per periodic validation (0: all)")
+    r.add_argument("--keep-best", action="store_true",
+                   help="end with the weights of the best validation (with --val-batches 0)")
+    r.add_argument("--report-every", type=int, default=10)
+    r.add_argument("--save-dtype", default="bfloat16", choices=tuple(DTYPES))
+    r.add_argument("--quiet", action="store_true")
+    return p
+
+
+def config_from_args(a, seq_len: int) -> TrainConfig:
+    iters = a.iters if a.iters is not None else (None if a.time_budget_s is not None else 1000)
+    return TrainConfig(seq_len=seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum, iters=iters,
+                       learning_rate=a.learning_rate, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
+                       beta1=a.beta1, beta2=a.beta2, eps=a.adam_eps, weight_decay=a.weight_decay,
+                       grad_clip=a.grad_clip, compute_dtype=a.dtype, grad_checkpoint=a.grad_checkpoint,
+                       compile=not a.no_compile, val_every=a.val_every, val_batches=a.val_batches,
+                       keep_best=a.keep_best, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
+                       report_every=a.report_every, seed=a.seed, time_budget_s=a.time_budget_s)
+
+
+def run(a) -> TrainResult:
+    from .tokenizer import Tokenizer, load_tokenizer
+    from .utils import load_model
+    out = Path(a.out)
+    ckpt_dir = out / "checkpoints"
+    if a.val_fraction is not None and not 0.0 <= a.val_fraction < 1.0:
+        raise TrainError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
+    if a.max_doc_chars is not None and a.max_doc_chars <= 0:
+        raise TrainError(f"--max-doc-chars must be positive, got {a.max_doc_chars}")
+
+    # the model and its tokenizer
+    if a.resume:
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is None:
+            raise TrainError(f"--resume: no checkpoint in {ckpt_dir}")
+        args = ModelArgs.from_dict(read_checkpoint_state(latest)["model_args"])
+        tok_path = out / "tokenizer.model"
+        if not tok_path.is_file():
+            raise TrainError(f"--resume: {tok_path} is missing")
+        tokenizer = Tokenizer(tok_path)
+        model = new_model(args, a.seed)
+    else:
+        if list_checkpoints(ckpt_dir):
+            raise TrainError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        if a.model is not None and (a.preset or a.config):
+            raise TrainError("give --model, or --preset/--config, not both")
+        if a.model is None and not (a.preset or a.config):
+            raise TrainError("give the model: --preset NAME, --config CFG.json or --model DIR")
+        if a.model is not None:
+            model, tok_file = load_model(a.model)
+            if model.args.quantization:
+                raise TrainError(f"{a.model}: a quantized model cannot be trained; start from the unquantized one")
+            to_float32(model)
+            tokenizer = load_tokenizer(a.tokenizer or tok_file or a.model)
+            if tokenizer.vocab_size > model.args.vocab_size:
+                raise TrainError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {model.args.vocab_size}")
+        else:
+            if a.tokenizer is None:
+                raise TrainError("--tokenizer is required with --preset/--config")
+            tokenizer = load_tokenizer(a.tokenizer)
+            model = new_model(model_args_from(a.preset, a.config, tokenizer.vocab_size), a.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        if tokenizer.path.resolve() != (out / "tokenizer.model").resolve():
+            _atomic_file(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer.path, p))
+        tokenizer = Tokenizer(out / "tokenizer.model", tokenizer.additional_vocab_size)
+
+    seq_len = a.seq_len if a.seq_len is not None else model.args.chunk_size
+    check_seq_len(seq_len, model.args.chunk_size)
+    cfg = config_from_args(a, seq_len)
+    cfg.validate()
+
+    # the data
+    from .data import load_token_stream
+    cache_dir = Path(a.cache_dir) if a.cache_dir else out / "data-cache"
+    stream = load_token_stream(a.train, tokenizer, cache_dir, a.text_key, a.max_doc_chars)
+    if a.valid:
+        valid_stream = load_token_stream(a.valid, tokenizer, cache_dir, a.text_key, a.max_doc_chars)
+    elif a.val_fraction:
+        stream, valid_stream = stream.split_tail(a.val_fraction)
+    else:
+        valid_stream = None
+    train_set = PackedDataset(stream, seq_len)
+    if len(train_set) == 0:
+        raise DataError(f"{a.train[0]}{'...' if len(a.train) > 1 else ''}: {len(stream)} training tokens, fewer "
+                        f"than --seq-len + 1 = {seq_len + 1}")
+    valid_set = PackedDataset(valid_stream, seq_len) if valid_stream is not None else None
+    if valid_set is not None and len(valid_set) == 0:
+        if not a.quiet:
+            print(f"{PROG}: note: validation data has fewer than {seq_len + 1} tokens; validation skipped",
+                  file=sys.stderr)
+        valid_set = None
+
+    result = train(model, train_set, valid_set, cfg, checkpoint_dir=ckpt_dir, resume=a.resume, quiet=a.quiet)
+    write_model_dir(model, out / "tokenizer.model", out, DTYPES[a.save_dtype])
+    log = {"step": result.step, "iters": result.iters, "tokens": result.tokens, "elapsed_s": result.elapsed_s,
+           "stop_reason": result.stop_reason, "tokens_per_sec": result.tokens_per_sec,
+           "final_val_loss": result.final_val_loss, "final_val_ppl": result.final_val_ppl,
+           "train_losses": result.train_losses, "val_history": result.val_history,
+           "train_config": dataclasses.asdict(cfg), "model_args": model.args.to_dict()}
+    _atomic_file(out / "train_log.json", lambda p: p.write_text(json.dumps(log) + "\n"))
+    png = plot_losses(result, out / "loss.png")
+    if not a.quiet:
+        ppl = f", validation perplexity {result.final_val_ppl:.2f}" if result.final_val_loss is not None else ""
+        print(f"{PROG}: {result.stop_reason} at step {result.step}: {result.tokens:,} tokens in "
+              f"{result.elapsed_s:.0f}s ({result.tokens_per_sec:,.0f} tok/s){ppl}; model written to {out}"
+              + (f", loss curves in {png}" if png else ""), file=sys.stderr)
+    return result
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .tokenizer import TokenizerError
+    try:
+        run(a)
+    except (TrainError, DataError, ConfigError, CheckpointError, TokenizerError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
