@@ -1,8 +1,8 @@
 """The one weight conversion between upstream Megalodon checkpoints and MLX model directories.
 
 Used by both implementations (``torch_ref`` loads through :func:`load_upstream_state`, the MLX
-model through :func:`load_mlx_weights`), so it imports torch, safetensors and sentencepiece but
-never MLX.
+model through :func:`load_mlx_weights`), so it uses torch, safetensors and sentencepiece but
+never MLX. torch is imported on first use, so configuration errors are reported quickly.
 
 Upstream checkpoint directory (megalodon/reloading.py):
     config.json              {"model": {ModelConf fields}, "tokenizer": {"path": ..., ...}}
@@ -32,14 +32,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-import torch
-
 from .config import (ConfigError, ModelArgs, is_full_precision_key, model_parallel_split_dim,
                      upstream_shapes)
 from .tokenizer import Tokenizer, TokenizerError, find_tokenizer_file
 
+
+class _LazyTorch:
+    """``torch``, imported on first use: the CLI reports config, tokenizer and destination errors
+    without paying for the torch import (about 2 s)."""
+
+    def __getattr__(self, name):
+        import torch as real
+        globals()["torch"] = real
+        return getattr(real, name)
+
+
+torch = _LazyTorch()
+
 PathLike = Union[str, Path]
-StateDict = Dict[str, torch.Tensor]
+StateDict = Dict[str, "torch.Tensor"]
 
 #: Largest single safetensors file written; above it the weights are sharded. Tests pass a tiny value.
 MAX_SHARD_BYTES = 5 * 1024 ** 3
@@ -50,13 +61,10 @@ CONFIG = "config.json"
 CONSOLIDATE_CONFIG = "consolidate_config.json"
 TOKENIZER = "tokenizer.model"
 
-DTYPES: Dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-}
+#: MLX dtype names accepted by --dtype (torch has dtypes of the same names).
+DTYPES: Tuple[str, ...] = ("float32", "bfloat16", "float16")
 # upstream's consolidate_config "dtype" names
 UPSTREAM_DTYPES: Dict[str, str] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-_SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 
 
 class CheckpointError(Exception):
@@ -81,11 +89,11 @@ def _dtype_name(dtype) -> Optional[str]:
     """Canonical name ("float32", ...) of an MLX or upstream dtype name, or None for None."""
     if dtype is None:
         return None
-    if isinstance(dtype, torch.dtype):
-        for name, d in DTYPES.items():
-            if d == dtype:
+    if not isinstance(dtype, str):
+        for name in DTYPES:
+            if getattr(torch, name) == dtype:
                 return name
-    elif isinstance(dtype, str):
+    else:
         if dtype in DTYPES:
             return dtype
         for name, up in UPSTREAM_DTYPES.items():
@@ -110,8 +118,7 @@ def numpy_view(t: torch.Tensor):
     an MLX caller rebuilds it with ``mx.array(a).view(mx.bfloat16)``."""
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy() if hasattr(torch, "uint16") else \
-            t.view(torch.int16).numpy().view("uint16"), "bfloat16"
+        return t.view(torch.int16).numpy().view("uint16"), "bfloat16"
     return t.numpy(), str(t.dtype).replace("torch.", "")
 
 
@@ -212,7 +219,7 @@ def upstream_to_mlx(args: ModelArgs, sd: Mapping, dtype: Optional[str] = "float3
     full-precision ones (CEMA, norms, Q/K affine), which are float32; None keeps the source dtype."""
     validate_upstream_state_dict(args, sd)
     _check_derived(args, sd)
-    target = None if dtype is None else DTYPES[_dtype_name(dtype)]
+    target = None if dtype is None else getattr(torch, _dtype_name(dtype))
     out: StateDict = {}
     for key in mlx_shapes(args):
         out[key] = _cast(key, sd[key], target)
@@ -237,7 +244,7 @@ def mlx_to_upstream(args: ModelArgs, weights: Mapping) -> StateDict:
 
 
 def _cast_all(args: ModelArgs, sd: Mapping, dtype: Optional[str]) -> StateDict:
-    target = None if dtype is None else DTYPES[_dtype_name(dtype)]
+    target = None if dtype is None else getattr(torch, _dtype_name(dtype))
     out = {k: _cast(k, v, target) for k, v in sd.items()}
     if args.share_emb and "output.output.weight" in out:
         out["output.output.weight"] = out["embed.weight"]
@@ -299,7 +306,7 @@ def _find_tokenizer(directory: Path, tok_cfg: dict, override: Optional[PathLike]
             try:
                 if cand.is_file():
                     return cand
-            except OSError:
+            except (OSError, ValueError):       # unreadable or malformed path in the config
                 pass
     return find_tokenizer_file(directory)
 
@@ -366,12 +373,15 @@ def _shard_files(directory: Path) -> List[Path]:
         numbered = sorted(directory.glob("consolidated.[0-9][0-9].pth"))
         m = len(numbered) if numbered and not (directory / "consolidated.pth").exists() else 1
     if m == 1:
-        files = [directory / "consolidated.pth"]
+        names: Iterator[str] = iter(["consolidated.pth"])
     else:
-        files = [directory / f"consolidated.{r:02d}.pth" for r in range(m)]
-    for f in files:
+        names = (f"consolidated.{r:02d}.pth" for r in range(m))
+    files = []
+    for name in names:                 # stops at the first missing shard, however large m claims
+        f = directory / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file not found: {f}")
+        files.append(f)
     return files
 
 
@@ -414,26 +424,33 @@ def _alias_shared(args: ModelArgs, sd: StateDict) -> StateDict:
     return sd
 
 
-def read_upstream(src: PathLike, config: Optional[PathLike] = None,
-                  tokenizer: Optional[PathLike] = None) -> Tuple[ModelArgs, StateDict, Optional[Path]]:
-    """(args, state dict in upstream's key order, tokenizer path or None) of an upstream checkpoint
-    directory or a single ``.pth`` state dict (config from ``config`` or ``config.json`` beside it)."""
+def _upstream_header(src: PathLike, config: Optional[PathLike], tokenizer: Optional[PathLike]
+                     ) -> Tuple[ModelArgs, Optional[Path], Path, List[Path]]:
+    """Config, tokenizer and weight files of an upstream checkpoint, before loading any tensor."""
     src = Path(src)
     if src.is_dir():
         directory = src
-        files = None
     elif src.is_file():
         directory = src.parent
-        files = [src]
     else:
         raise CheckpointError(f"no such file or directory: {src}")
     cfg_path = Path(config) if config is not None else directory / CONFIG
     model_cfg, tok_cfg = _split_config(_read_json(cfg_path, "config"), cfg_path)
     tok_path = _find_tokenizer(directory, tok_cfg, tokenizer)
     args = _args_from_config(model_cfg, tok_cfg, cfg_path, tok_path)
+    files = _shard_files(directory) if src.is_dir() else [src]
+    return args, tok_path, directory, files
 
-    if files is None:
-        files = _shard_files(directory)
+
+def read_upstream(src: PathLike, config: Optional[PathLike] = None,
+                  tokenizer: Optional[PathLike] = None) -> Tuple[ModelArgs, StateDict, Optional[Path]]:
+    """(args, state dict in upstream's key order, tokenizer path or None) of an upstream checkpoint
+    directory or a single ``.pth`` state dict (config from ``config`` or ``config.json`` beside it)."""
+    args, tok_path, directory, files = _upstream_header(src, config, tokenizer)
+    return args, _upstream_weights(args, directory, files), tok_path
+
+
+def _upstream_weights(args: ModelArgs, directory: Path, files: List[Path]) -> StateDict:
     shards = [_torch_load(f) for f in files]
     sd = merge_model_parallel(shards, files)
     where = str(files[0]) if len(files) == 1 else f"{directory} (merged {len(files)} shards)"
@@ -441,7 +458,7 @@ def read_upstream(src: PathLike, config: Optional[PathLike] = None,
     _validate(args, sd, upstream_shapes(args), where)
     _check_derived(args, sd, where)
     sd = {k: sd[k] for k in upstream_shapes(args)}
-    return args, _alias_shared(args, sd), tok_path
+    return _alias_shared(args, sd)
 
 
 # --------------------------------------------------------------------------- atomic directory writes
@@ -460,6 +477,12 @@ def _atomic_dir(dst: PathLike) -> Iterator[Path]:
         raise CheckpointError(f"cannot create {dst}: {_why(e)}") from e
     try:
         yield tmp
+        # some writers (safetensors) create 0600 files: give every file the umask's usual mode,
+        # read off the directory mkdir just created
+        mode = tmp.stat().st_mode & 0o666
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, mode)
         if dst.exists() or dst.is_symlink():
             raise CheckpointError(f"destination already exists: {dst}")
         os.rename(tmp, dst)
@@ -603,17 +626,24 @@ def _read_mlx_weights(directory: Path) -> StateDict:
 def read_mlx_dir(path: PathLike, tokenizer: Optional[PathLike] = None
                  ) -> Tuple[ModelArgs, StateDict, Optional[Path]]:
     """(args, MLX weights, tokenizer path or None) of an MLX model directory, all validated."""
+    args, tok_path = _mlx_header(path, tokenizer)
+    return args, _mlx_weights(args, Path(path)), tok_path
+
+
+def _mlx_header(path: PathLike, tokenizer: Optional[PathLike]) -> Tuple[ModelArgs, Optional[Path]]:
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"not a directory: {directory}")
     cfg_path = directory / CONFIG
     model_cfg, tok_cfg = _split_config(_read_json(cfg_path, "config"), cfg_path)
     tok_path = _find_tokenizer(directory, {}, tokenizer)
-    args = _args_from_config(model_cfg, tok_cfg, cfg_path, tok_path)
+    return _args_from_config(model_cfg, tok_cfg, cfg_path, tok_path), tok_path
+
+
+def _mlx_weights(args: ModelArgs, directory: Path) -> StateDict:
     weights = _read_mlx_weights(directory)
     validate_mlx_weights(args, weights)
-    weights = {k: weights[k] for k in mlx_shapes(args)} if args.quantization is None else weights
-    return args, weights, tok_path
+    return {k: weights[k] for k in mlx_shapes(args)} if args.quantization is None else weights
 
 
 # --------------------------------------------------------------------------- hub and format detection
@@ -696,11 +726,15 @@ def convert(src: PathLike, dst: PathLike, dtype: str = "float32", to: str = "mlx
     if fmt == "mlx":
         if config is not None:
             raise CheckpointError(f"--config applies to upstream checkpoints only; {path} is an MLX directory")
-        args, weights, tok = read_mlx_dir(path, tokenizer=tokenizer)
+        args, tok = _mlx_header(path, tokenizer)
     else:
-        args, sd, tok = read_upstream(path, config=config, tokenizer=tokenizer)
+        args, tok, directory, files = _upstream_header(path, config, tokenizer)
     if tok is None:
         raise CheckpointError(f"no tokenizer model found for {src} (pass --tokenizer FILE)")
+    if fmt == "mlx":
+        weights = _mlx_weights(args, path)
+    else:
+        sd = _upstream_weights(args, directory, files)
     if to == "mlx":
         weights = _cast_all(args, weights, dtype) if fmt == "mlx" else upstream_to_mlx(args, sd, dtype)
         return write_mlx_dir(dst, args, weights, tok, max_shard_bytes=max_shard_bytes)
@@ -721,6 +755,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", default="mlx", help="output format: mlx (default) or upstream")
     p.add_argument("--config", default=None, help="model config JSON for a bare .pth state dict")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model to use instead of the checkpoint's")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="quantize linear and embedding weights with MLX (CEMA, norms, Q/K affine stay float32)")
+    p.add_argument("--q-bits", type=int, default=4, help="bits per weight with -q: 2, 3, 4, 5, 6 or 8 (default 4)")
+    p.add_argument("--q-group-size", type=int, default=64, help="quantization group size: 32, 64 or 128 (default 64)")
     return p
 
 
@@ -738,11 +776,38 @@ def _spinner(message: str) -> Iterator[None]:
         yield
 
 
+def _convert_quantized(a) -> Path:
+    """convert -q: convert into a temporary MLX directory, then quantize it with MLX into DST."""
+    from .quantize import QUANT_BITS, QUANT_GROUP_SIZES
+    if a.to != "mlx":
+        raise CheckpointError("-q writes MLX directories only (drop --to upstream)")
+    if a.q_bits not in QUANT_BITS:
+        raise CheckpointError(f"--q-bits must be one of {', '.join(map(str, QUANT_BITS))}, got {a.q_bits}")
+    if a.q_group_size not in QUANT_GROUP_SIZES:
+        raise CheckpointError(f"--q-group-size must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}, "
+                              f"got {a.q_group_size}")
+    dst = Path(a.dst)
+    if dst.exists() or dst.is_symlink():
+        raise CheckpointError(f"destination already exists: {dst}")
+    staging = dst.parent / f".{dst.name}.unquantized-{uuid.uuid4().hex[:8]}"
+    try:
+        with _spinner(f"converting {a.src}"):
+            convert(a.src, staging, dtype=a.dtype, config=a.config, tokenizer=a.tokenizer)
+        with _spinner(f"quantizing to {a.q_bits} bits -> {dst}"):
+            from .quantize import quantize_directory
+            return quantize_directory(staging, dst, a.q_bits, a.q_group_size)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        with _spinner(f"converting {a.src} -> {a.dst}"):
-            dst = convert(a.src, a.dst, dtype=a.dtype, to=a.to, config=a.config, tokenizer=a.tokenizer)
+        if a.quantize:
+            dst = _convert_quantized(a)
+        else:
+            with _spinner(f"converting {a.src} -> {a.dst}"):
+                dst = convert(a.src, a.dst, dtype=a.dtype, to=a.to, config=a.config, tokenizer=a.tokenizer)
     except (CheckpointError, TokenizerError, ConfigError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import torch
 
 try:
-    import mlx_megalodon  # noqa: F401
+    import mlx_megalodon  # noqa: F401  (only checks that the package is importable)
 except ImportError:  # used outside pytest (conftest puts the repo root on sys.path)
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,7 +45,7 @@ def random_upstream_state_dict(args: ModelArgs, seed: int = 0) -> Dict[str, torc
     def normal(shape, std=1.0, mean=0.0):
         return torch.randn(*shape, generator=g, dtype=torch.float32) * std + mean
 
-    D, N = args.model_dim, args.cema_ndim
+    D = args.model_dim
     sd: Dict[str, torch.Tensor] = {}
     for key, shape in upstream_shapes(args).items():
         name = key.rsplit(".", 1)[-1]

@@ -461,68 +461,94 @@ def _set_config(d: Path, **model):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _truncate(f: Path, keep: int):
+    f.write_bytes(f.read_bytes()[:keep])
+
+
+def _make_dst_with_content(d: Path):
+    d.mkdir()
+    (d / "keep.txt").write_text("precious")
+
+
+# case: (source "upstream" | "mlx", mutate(src), mutate(dst) | None, extra CLI args, names in the message)
 BAD_INPUTS = {
-    "missing_key": (lambda d: _mutate_pth(d, lambda sd: sd.pop("layers.1.nffn.fc2.weight")),
-                    [], ["layers.1.nffn.fc2.weight"]),
-    "extra_key": (lambda d: _mutate_pth(d, lambda sd: sd.update({"layers.0.bogus": torch.zeros(3)})),
-                  [], ["layers.0.bogus"]),
-    "misshaped_key": (lambda d: _mutate_pth(d, lambda sd: sd.update({"layers.0.mega.wz.weight": torch.zeros(8, 17)})),
-                      [], ["layers.0.mega.wz.weight", "[8, 17]", "[8, 16]"]),
-    "bad_json": (lambda d: (d / "config.json").write_text('{"model": {"num_layers": 2,'), [], ["config.json"]),
-    "config_missing": (lambda d: (d / "config.json").unlink(), [], ["config.json"]),
-    "config_invalid_field": (lambda d: _set_config(d, num_heads=3), [], ["config.json", "num_heads"]),
-    "config_wrong_type": (lambda d: _set_config(d, model_dim="sixteen"), [], ["config.json", "model_dim"]),
-    "tokenizer_missing": (lambda d: (d / "tokenizer.model").unlink(), [], ["tokenizer"]),
-    "tokenizer_option_missing": (lambda d: None, ["--tokenizer", "/no/such/tok.model"], ["/no/such/tok.model"]),
-    "truncated_pth": (lambda d: (d / "consolidated.pth").write_bytes((d / "consolidated.pth").read_bytes()[:3000]),
-                      [], ["consolidated.pth"]),
-    "unknown_dtype": (lambda d: None, ["--dtype", "float8"], ["float8"]),
-    "unknown_target": (lambda d: None, ["--to", "gguf"], ["gguf"]),
+    "missing_key": ("upstream", lambda d: _mutate_pth(d, lambda sd: sd.pop("layers.1.nffn.fc2.weight")),
+                    None, [], ["layers.1.nffn.fc2.weight"]),
+    "extra_key": ("upstream", lambda d: _mutate_pth(d, lambda sd: sd.update({"layers.0.bogus": torch.zeros(3)})),
+                  None, [], ["layers.0.bogus"]),
+    "misshaped_key": ("upstream", lambda d: _mutate_pth(
+        d, lambda sd: sd.update({"layers.0.mega.wz.weight": torch.zeros(8, 17)})),
+        None, [], ["layers.0.mega.wz.weight", "[8, 17]", "[8, 16]"]),
+    "bad_json": ("upstream", lambda d: (d / "config.json").write_text('{"model": {"num_layers": 2,'),
+                 None, [], ["config.json"]),
+    "config_missing": ("upstream", lambda d: (d / "config.json").unlink(), None, [], ["config.json"]),
+    "config_invalid_field": ("upstream", lambda d: _set_config(d, num_heads=3), None, [],
+                             ["config.json", "num_heads"]),
+    "config_wrong_type": ("upstream", lambda d: _set_config(d, model_dim="sixteen"), None, [],
+                          ["config.json", "model_dim"]),
+    "tokenizer_missing": ("upstream", lambda d: (d / "tokenizer.model").unlink(), None, [], ["tokenizer"]),
+    "tokenizer_option_missing": ("upstream", lambda d: None, None, ["--tokenizer", "/no/such/tok.model"],
+                                 ["/no/such/tok.model"]),
+    "truncated_pth": ("upstream", lambda d: _truncate(d / "consolidated.pth", 3000), None, [],
+                      ["consolidated.pth"]),
+    "truncated_safetensors": ("mlx", lambda d: _truncate(d / "model.safetensors", -100), None, [],
+                              ["model.safetensors"]),
+    "truncated_safetensors_to_upstream": ("mlx", lambda d: _truncate(d / "model.safetensors", -100), None,
+                                          ["--to", "upstream"], ["model.safetensors"]),
+    "unknown_dtype": ("upstream", lambda d: None, None, ["--dtype", "float8"], ["float8"]),
+    "unknown_target": ("upstream", lambda d: None, None, ["--to", "gguf"], ["gguf"]),
+    "dst_exists": ("upstream", lambda d: None, _make_dst_with_content, [], ["dst", "exists"]),
 }
 
 
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, tiny_upstream, tiny_mlx):
+    """Every bad-input CLI run, started together (each is a fresh interpreter importing torch)."""
+    bases = {"upstream": tiny_upstream[2], "mlx": tiny_mlx[2]}
+    root = tmp_path_factory.mktemp("cli")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    procs = {}
+    for case, (fmt, mutate, prepare_dst, extra, _) in BAD_INPUTS.items():
+        src, dst = root / case / "src", root / case / "dst"
+        shutil.copytree(bases[fmt], src)
+        mutate(src)
+        if prepare_dst:
+            prepare_dst(dst)
+        procs[case] = (dst, subprocess.Popen([sys.executable, str(CONVERT), str(src), str(dst), *extra],
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                             env=env, cwd=str(ROOT)))
+    # and a good run, plus a usage error
+    procs["ok"] = (root / "ok", subprocess.Popen([sys.executable, str(CONVERT), str(bases["upstream"]),
+                                                  str(root / "ok"), "--dtype", "float32"],
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                 env=env, cwd=str(ROOT)))
+    procs["usage"] = (None, subprocess.Popen([sys.executable, str(CONVERT)], stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT)))
+    results = {}
+    for case, (dst, p) in procs.items():
+        out, err = p.communicate(timeout=300)
+        results[case] = (dst, subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_cli_rejects_bad_upstream_input(tmp_path, tiny_upstream, case):
-    args, sd, up = tiny_upstream
-    src = tmp_path / "src"
-    shutil.copytree(up, src)
-    mutate, extra, names = BAD_INPUTS[case]
-    mutate(src)
-    dst = tmp_path / "dst"
-    res = run_cli(src, dst, *extra)
-    assert_cli_error(res, *names)
-    assert_nothing_left(dst)
-
-
-def test_cli_rejects_truncated_safetensors(tmp_path, tiny_mlx):
-    _, _, mlx_dir = tiny_mlx
-    src = tmp_path / "src"
-    shutil.copytree(mlx_dir, src)
-    f = src / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-100])
-    dst = tmp_path / "dst"
-    for extra in ([], ["--to", "upstream"]):
-        assert_cli_error(run_cli(src, dst, *extra), "model.safetensors")
+def test_cli_rejects_bad_input(cli_runs, case):
+    dst, res = cli_runs[case]
+    assert_cli_error(res, *BAD_INPUTS[case][4])
+    if case == "dst_exists":          # untouched
+        assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+        assert (dst / "keep.txt").read_text() == "precious"
+        assert not [p for p in dst.parent.iterdir() if p.name.startswith(".dst.tmp")]
+    else:
         assert_nothing_left(dst)
 
 
-def test_cli_refuses_existing_destination(tmp_path, tiny_upstream):
-    _, _, up = tiny_upstream
-    dst = tmp_path / "dst"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("precious")
-    assert_cli_error(run_cli(up, dst), "dst", "exists")
-    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
-    assert (dst / "keep.txt").read_text() == "precious"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp")]
-
-
-def test_cli_success_and_usage(tmp_path, tiny_upstream):
-    _, _, up = tiny_upstream
-    res = run_cli(up, tmp_path / "ok", "--dtype", "float32")
+def test_cli_success_and_usage(cli_runs):
+    dst, res = cli_runs["ok"]
     assert res.returncode == 0 and res.stderr == "", res.stderr
-    assert (tmp_path / "ok" / "model.safetensors").is_file()
-    assert run_cli().returncode == 2                    # argparse usage error
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    _, res = cli_runs["usage"]
+    assert res.returncode == 2                                   # argparse usage error
 
 
 # --------------------------------------------------------------------------- fuzz
@@ -642,3 +668,32 @@ def test_fuzz_loader_raises_only_documented_errors(data, fuzz_dirs):
         assert not must_fail, f"{kinds} loaded without error"
         expected = upstream_shapes(a) if loader is ck.load_upstream_state else ck.mlx_shapes(a)
         assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(s) for k, s in expected.items()}
+
+
+# --------------------------------------------------------------------------- helpers for the MLX side
+def test_numpy_view_keeps_bfloat16_bits():
+    t = torch.randn(3, 5).bfloat16()
+    a, name = ck.numpy_view(t)
+    assert name == "bfloat16" and a.dtype.name == "uint16" and a.shape == (3, 5)
+    assert torch.equal(torch.from_numpy(a.view("int16")).view(torch.bfloat16), t)
+    a, name = ck.numpy_view(torch.tensor(7, dtype=torch.int64))
+    assert name == "int64" and a.shape == () and int(a) == 7
+
+
+def test_quantized_mlx_dir_reads_but_does_not_convert_to_upstream(tmp_path, tiny_upstream):
+    args, sd, up = tiny_upstream
+    qargs = ModelArgs.from_dict({**args.to_dict(), "quantization": {"group_size": 8, "bits": 4}})
+    w = ck.upstream_to_mlx(args, sd)
+    k = "layers.0.mega.wv.weight"
+    w[k] = torch.zeros(24, 2, dtype=torch.int32)            # packed stand-in: shape not checked
+    w["layers.0.mega.wv.scales"] = torch.ones(24, 2)
+    w["layers.0.mega.wv.biases"] = torch.zeros(24, 2)
+    d = ck.write_mlx_dir(tmp_path / "q", qargs, w, up / "tokenizer.model")
+    a, w2, _ = ck.read_mlx_dir(d)
+    assert a.quantization == {"group_size": 8, "bits": 4} and torch.equal(w2[k], w[k])
+    with pytest.raises(CheckpointError, match="quantized"):
+        ck.load_upstream_state(d)
+    w["layers.0.mega.wz.scales"] = torch.ones(8, 2)          # scales without biases are fine,
+    w["layers.0.mega.bogus.scales"] = torch.ones(1)          # but not for a non-existent module
+    with pytest.raises(CheckpointError, match="layers.0.mega.bogus.scales"):
+        ck.validate_mlx_weights(qargs, w)

@@ -197,3 +197,22 @@ def test_cli_missing_model_is_one_line_error(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope" in lines[0], r.stderr
+
+
+def test_convert_cli_quantizes(tmp_path):
+    args = tiny_args(**GEN_ARGS)
+    up = make_upstream_dir(tmp_path / "up", args, random_upstream_state_dict(args))
+    dst = tmp_path / "q8"
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(up), str(dst), "-q", "--q-bits", "8",
+                        "--q-group-size", "32"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    model, _ = load(dst)
+    assert model.args.quantization == {"group_size": 32, "bits": 8}
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no staging left behind
+    for flags, needle in ((["--q-bits", "7"], "--q-bits"), (["--q-group-size", "48"], "--q-group-size")):
+        bad = tmp_path / "bad"
+        r = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(up), str(bad), "-q", *flags],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and needle in lines[0], r.stderr
+        assert not bad.exists()
