@@ -317,20 +317,30 @@ class PackedDataset:
 class BatchIterator:
     """Endless batches of ``batch_size`` rows: rows are drawn from a sequence of epoch permutations
     (epoch ``e`` shuffled with seed (seed, e)); ``position`` counts rows drawn so far, so the state
-    is one integer and resuming from it reproduces the same batches exactly."""
+    is one integer and resuming from it reproduces the same batches exactly.
+
+    Data parallelism: ``batch_size`` is the global batch and ``world_size`` ranks share it; each
+    draws the same global rows and ``next()`` returns rank ``rank``'s rows ``rank::world_size``.
+    ``position`` counts global rows, so a state saved with one number of ranks resumes with any
+    other that keeps the global batch."""
 
     def __init__(self, dataset: PackedDataset, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 position: int = 0):
+                 position: int = 0, rank: int = 0, world_size: int = 1):
         if len(dataset) == 0:
             raise DataError(f"no training rows: the data has {len(dataset.stream)} tokens, fewer than "
                             f"sequence length + 1 = {dataset.seq_len + 1}")
         if batch_size <= 0:
             raise DataError(f"batch size must be positive, got {batch_size}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} of {world_size} ranks is not a valid shard")
+        if batch_size % world_size:
+            raise DataError(f"global batch size {batch_size} is not divisible by the {world_size} ranks")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = shuffle
         self.position = int(position)
+        self.rank, self.world_size = int(rank), int(world_size)
         self._perm_epoch = -1
         self._perm: Optional[np.ndarray] = None
 
@@ -362,7 +372,7 @@ class BatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        return self.dataset.rows(self.next_indices())
+        return self.dataset.rows(shard_rows(self.next_indices(), self.rank, self.world_size))
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
@@ -376,13 +386,20 @@ class BatchIterator:
         self.position = int(state["position"])
 
 
+def shard_rows(indices: np.ndarray, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Rank ``rank``'s rows of a global batch: ``indices[rank::world_size]``."""
+    return indices if world_size == 1 else indices[rank::world_size]
+
+
 def iterate_batches(dataset: PackedDataset, batch_size: int, seed: int = 0, shuffle: bool = True,
-                    loop: bool = True, position: int = 0) -> Iterator[Batch]:
+                    loop: bool = True, position: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
     """Batches of ``dataset``: endless and shuffled per epoch (``loop``), or one ordered pass whose
-    last batch may be smaller (``loop=False``, for evaluation)."""
+    last batch may be smaller (``loop=False``, for evaluation). With ``world_size`` > 1,
+    ``batch_size`` is the global batch and each yielded batch holds rank ``rank``'s rows of it
+    (in an evaluation pass a rank's share of the short last batch may be empty: zero rows)."""
     if loop:
-        yield from BatchIterator(dataset, batch_size, seed, shuffle, position)
+        yield from BatchIterator(dataset, batch_size, seed, shuffle, position, rank, world_size)
         return
     order = BatchIterator(dataset, 1, seed, shuffle)._order(0) if shuffle else np.arange(len(dataset))
     for start in range(0, len(dataset), batch_size):
-        yield dataset.rows(order[start: start + batch_size])
+        yield dataset.rows(shard_rows(order[start: start + batch_size], rank, world_size))

@@ -29,6 +29,11 @@ parameters, e.g. ``layers.3.mega.wz.lora_a``), ``adapter_config.json`` (every fl
 ``NNNNNNN_adapters.safetensors`` snapshots. All files are written atomically (temp + rename).
 :func:`load_adapters` applies them unfused; ``python -m mlx_megalodon.fuse`` folds them in.
 
+Data parallelism: under ``mlx.launch`` (see docs/distributed.md) ``--batch-size`` is per rank;
+each rank takes examples ``rank::ranks`` of every global batch, gradients are token-weighted over
+the ranks (so the update equals one process's on the combined batch), reported losses are global,
+and only rank 0 writes the adapter files.
+
 Differences from mlx-lm worth knowing: the validation loss before training is reported as
 ``Iter 0`` and later ones are taken after that iteration's update; one iteration is one optimizer
 update (``--grad-accumulation-steps`` micro-batches); the final partial batch of the validation
@@ -53,6 +58,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import distributed as dist
 from .mega import MegaBlock
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -657,9 +663,15 @@ def make_batch(examples: Sequence[Example], max_seq_length: int, mask_prompt: bo
 
 def iterate_batches(dataset: Dataset, batch_size: int, max_seq_length: int, mask_prompt: bool = False,
                     train: bool = False, rng: Optional[np.random.Generator] = None,
-                    warn: Optional[Callable[[str], None]] = None) -> Iterator[Tuple[mx.array, mx.array, mx.array]]:
+                    warn: Optional[Callable[[str], None]] = None, rank: int = 0, world_size: int = 1
+                    ) -> Iterator[Optional[Tuple[mx.array, mx.array, mx.array]]]:
     """Batches of similar lengths. Training: full batches in random order, forever. Evaluation:
-    every example once, in order of length (the last batch may be smaller)."""
+    every example once, in order of length (the last batch may be smaller).
+
+    Data parallelism: with ``world_size`` > 1 ``batch_size`` is the global batch (every rank draws
+    the same ones from the same ``rng`` state) and each yielded batch is rank ``rank``'s examples
+    ``rank::world_size`` of it, padded to their own longest; in evaluation a rank's share of the
+    short last batch may be empty, yielded as None."""
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i].tokens))
     if train:
         if len(dataset) < batch_size:
@@ -678,7 +690,11 @@ def iterate_batches(dataset: Dataset, batch_size: int, max_seq_length: int, mask
     while True:
         seq = rng.permutation(len(batches)) if train else range(len(batches))
         for b in seq:
-            yield make_batch([dataset.examples[j] for j in batches[b]], max_seq_length, mask_prompt, warn_once)
+            rows = dist.shard(batches[b], rank, world_size)
+            if not rows:
+                yield None
+                continue
+            yield make_batch([dataset.examples[j] for j in rows], max_seq_length, mask_prompt, warn_once)
         if not train:
             return
 
@@ -693,20 +709,29 @@ def masked_loss(model, inputs: mx.array, targets: mx.array, mask: mx.array):
 
 
 def evaluate(model, dataset: Dataset, batch_size: int, num_batches: int = -1, max_seq_length: int = 2048,
-             mask_prompt: bool = False) -> float:
-    """Token-weighted mean loss over ``num_batches`` batches (-1: the whole set)."""
+             mask_prompt: bool = False, group=None) -> float:
+    """Token-weighted mean loss over ``num_batches`` batches (-1: the whole set). With a ``group``
+    of several ranks (default: the global group) ``batch_size`` is the global batch: each rank
+    evaluates its examples of every batch and the sums are combined, so every rank returns the
+    value one process gets with the same ``batch_size``."""
+    wd = dist.world(group)
     was_training = model.training
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0.0)
     try:
-        for i, (x, y, m) in enumerate(iterate_batches(dataset, batch_size, max_seq_length, mask_prompt)):
+        for i, batch in enumerate(iterate_batches(dataset, batch_size, max_seq_length, mask_prompt,
+                                                  rank=wd.rank, world_size=wd.size)):
             if num_batches != -1 and i >= num_batches:
                 break
-            loss, n = masked_loss(model, x, y, m)
+            if batch is None:
+                continue
+            loss, n = masked_loss(model, *batch)
             total, ntoks = total + loss * n, ntoks + n
             mx.eval(total, ntoks)
     finally:
         model.train(was_training)
+    if wd.distributed:
+        total, ntoks = dist.all_sum_tree([total, ntoks], dist.get_group(group))
     return (total / mx.maximum(ntoks, 1.0)).item()
 
 
@@ -769,14 +794,28 @@ def _lr(optimizer) -> float:
 
 
 def train(model, optimizer, train_set: Dataset, valid_set: Optional[Dataset], args: TrainingArgs,
-          report: Callable[[str], None] = print) -> dict:
+          report: Callable[[str], None] = print, group=None) -> dict:
     """The training loop. Returns the history: {"train": [(iter, loss)], "val": [(iter, loss)],
-    "tokens_per_sec": [...], "peak_memory_gb": [...]}; "val" starts with (0, loss before training)."""
+    "tokens_per_sec": [...], "peak_memory_gb": [...]}; "val" starts with (0, loss before training).
+
+    Data parallelism: with a ``group`` of several ranks (default: the global group, a group of one
+    without a launcher) every rank calls ``train`` alike; the global batch is ``args.batch_size``
+    examples per rank, each rank computes its share, the gradients are token-weighted over all
+    ranks (one fused all_sum per update) so the update equals the single-process update on the
+    combined batch; losses and token counts are global, only rank 0 reports and saves."""
+    group = dist.get_group(group)
+    wd = dist.world(group)
+    if not wd.is_main:
+        report = lambda msg: None  # noqa: E731
     history = {"train": [], "val": [], "tokens_per_sec": [], "peak_memory_gb": []}
-    warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    warn = (lambda msg: print(msg, file=sys.stderr)) if wd.is_main else (lambda msg: None)  # noqa: E731
     rng = np.random.default_rng(args.seed)
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     accum = max(1, int(args.grad_accumulation_steps))
+    global_batch = args.batch_size * wd.size
+    if wd.distributed:
+        dist.check_identical(model.trainable_parameters(), group, "trainable weights")
+        mx.random.seed(args.seed * 1_000_003 + wd.rank)   # each rank its own dropout masks
     model.train()
     if args.grad_checkpoint:
         enable_grad_checkpoint(model)
@@ -785,14 +824,15 @@ def train(model, optimizer, train_set: Dataset, valid_set: Optional[Dataset], ar
         if valid_set is None or args.val_batches == 0:
             return
         tic = time.perf_counter()
-        val = evaluate(model, valid_set, args.batch_size, args.val_batches, args.max_seq_length, args.mask_prompt)
+        val = evaluate(model, valid_set, global_batch, args.val_batches, args.max_seq_length, args.mask_prompt,
+                       group)
         history["val"].append((it, val))
         report(f"Iter {it}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
 
     try:
         validate(0)
-        batches = iterate_batches(train_set, args.batch_size, args.max_seq_length, args.mask_prompt,
-                                  train=True, rng=rng, warn=warn)
+        batches = iterate_batches(train_set, global_batch, args.max_seq_length, args.mask_prompt,
+                                  train=True, rng=rng, warn=warn, rank=wd.rank, world_size=wd.size)
         mx.reset_peak_memory()
         losses, window_tokens, window_steps, window_time, trained = 0.0, 0.0, 0, 0.0, 0
         for it in range(1, args.iters + 1):
@@ -801,10 +841,19 @@ def train(model, optimizer, train_set: Dataset, valid_set: Optional[Dataset], ar
             for _ in range(accum):
                 inputs, targets, mask = next(batches)
                 (loss, ntoks), g = loss_and_grad(model, inputs, targets, mask)
+                if wd.distributed and accum == 1:     # one fused all_sum: gradients, loss, tokens
+                    g, loss, ntoks = dist.reduce_step(g, loss, ntoks, group)
+                elif wd.distributed:
+                    # this micro-batch's global gradient is sum_r n_r g_r / N: weigh the local one by
+                    # n_r / N now (N: a scalar all_sum), sum over ranks once after the last micro-batch
+                    share = ntoks / mx.distributed.all_sum(ntoks, group=group)
+                    g = tree_map(lambda a: a * share.astype(a.dtype), g)
                 grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
                 step_loss, step_tokens = step_loss + loss * ntoks, step_tokens + ntoks
                 if accum > 1:
                     mx.eval(grads, step_loss, step_tokens)
+            if wd.distributed and accum > 1:
+                grads, (step_loss, step_tokens) = dist.all_sum_tree((grads, [step_loss, step_tokens]), group)
             if accum > 1:
                 grads = tree_map(lambda a: a / accum, grads)
             optimizer.update(model, grads)
@@ -829,12 +878,18 @@ def train(model, optimizer, train_set: Dataset, valid_set: Optional[Dataset], ar
             if it % args.steps_per_eval == 0 or it == args.iters:
                 validate(it)
             if args.adapter_file is not None and args.steps_per_save and it % args.steps_per_save == 0:
-                save_adapters(model, args.adapter_file)
                 snapshot = Path(args.adapter_file).parent / f"{it:07d}_{ADAPTER_FILE}"
-                save_adapters(model, snapshot)
+                mx.eval(model.trainable_parameters())
+                if wd.is_main:
+                    save_adapters(model, args.adapter_file)
+                    save_adapters(model, snapshot)
+                dist.barrier(group)
                 report(f"Iter {it}: Saved adapter weights to {args.adapter_file} and {snapshot}.")
         if args.adapter_file is not None:
-            save_adapters(model, args.adapter_file)
+            mx.eval(model.trainable_parameters())
+            if wd.is_main:
+                save_adapters(model, args.adapter_file)
+            dist.barrier(group)
             report(f"Saved final weights to {args.adapter_file}.")
     finally:
         if args.grad_checkpoint:
@@ -1000,6 +1055,10 @@ def run(args: dict, report: Callable[[str], None] = print) -> dict:
     from .utils import default_model_path, load
     if not args["train"] and not args["test"]:
         raise ValueError("nothing to do: give --train and/or --test")
+    group = dist.init()       # under mlx.launch: data parallel over the launched ranks
+    wd = dist.world(group)
+    if not wd.is_main:
+        report = lambda msg: None  # noqa: E731
     mx.random.seed(args["seed"])
     np.random.seed(args["seed"])
     report("Loading pretrained model")
@@ -1009,10 +1068,14 @@ def run(args: dict, report: Callable[[str], None] = print) -> dict:
                                                    bool(args["test"]), bool(args["mask_prompt"]))
     result: dict = {}
     adapter_path = Path(args["adapter_path"])
+    global_batch = args["batch_size"] * wd.size
+    if wd.distributed:
+        report(f"Data parallel over {wd.size} ranks: global batch {global_batch} "
+               f"({args['batch_size']} per rank)")
     if args["train"]:
-        if len(train_set) < args["batch_size"]:
+        if len(train_set) < global_batch:
             raise DataError(f"{train_set.path}: {len(train_set)} examples, fewer than --batch-size "
-                            f"{args['batch_size']}")
+                            f"{args['batch_size']}" + (f" x {wd.size} ranks" if wd.distributed else ""))
         report("Training")
         n, params = prepare_model(model, args["fine_tune_type"], args["num_layers"], args["lora_parameters"])
         if args["resume_adapter_file"] is not None:
@@ -1021,8 +1084,11 @@ def run(args: dict, report: Callable[[str], None] = print) -> dict:
         report(trainable_parameter_line(model))
         config = {k: v for k, v in args.items()}
         config.update(num_layers=n, lora_parameters=params, model=str(config["model"]) if config["model"] else None)
-        adapter_path.mkdir(parents=True, exist_ok=True)
-        save_adapter_config(config, adapter_path)
+        if wd.distributed:
+            config.update(world_size=wd.size, global_batch_size=global_batch)
+        if wd.is_main:
+            adapter_path.mkdir(parents=True, exist_ok=True)
+            save_adapter_config(config, adapter_path)
         lr = build_schedule(args["lr_schedule"]) if args["lr_schedule"] else args["learning_rate"]
         optimizer = build_optimizer(args["optimizer"], lr, args["optimizer_config"])
         targs = TrainingArgs(batch_size=args["batch_size"], iters=args["iters"], val_batches=args["val_batches"],
@@ -1032,13 +1098,13 @@ def run(args: dict, report: Callable[[str], None] = print) -> dict:
                              grad_accumulation_steps=args["grad_accumulation_steps"],
                              mask_prompt=bool(args["mask_prompt"]), seed=args["seed"])
         report(f"Starting training..., iters: {args['iters']}")
-        result = train(model, optimizer, train_set, valid_set, targs, report)
+        result = train(model, optimizer, train_set, valid_set, targs, report, group)
     elif adapter_path.exists() and str(args["adapter_path"]) != "":
         load_adapters(model, adapter_path)
     if args["test"]:
         report("Testing")
-        loss = evaluate(model, test_set, args["batch_size"], args["test_batches"], args["max_seq_length"],
-                        bool(args["mask_prompt"]))
+        loss = evaluate(model, test_set, global_batch, args["test_batches"], args["max_seq_length"],
+                        bool(args["mask_prompt"]), group)
         result["test"] = loss
         report(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
     return result
@@ -1052,7 +1118,8 @@ def main(argv=None) -> int:
         return 0
     except (ValueError, OSError, KeyError, CheckpointError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        rank = dist.world().rank
+        print(f"error{f' (rank {rank})' if rank else ''}: {msg}", file=sys.stderr)
         return 1
 
 

@@ -13,6 +13,13 @@ place, so a killed run leaves either the complete checkpoint or none; ``--resume
 the newest one with the same losses an uninterrupted run would have produced (the settings that
 shape the run must match; ``--iters`` may grow to extend it).
 
+Data parallelism: started by ``mlx.launch`` on several ranks (ring, JACCL, MPI or NCCL; see
+docs/distributed.md) every rank trains on its rows ``rank::ranks`` of a global batch of
+``--batch-size`` x ranks rows; gradients are token-weighted over the ranks with one fused
+``all_sum`` per update (``distributed.reduce_step``), losses and validation are global, only rank 0
+writes files, and checkpoints keep the data position in global rows, so ``--resume`` works with any
+number of ranks that keeps the global batch.
+
 The reusable pieces (``loss_fn``, ``build_optimizer``, ``lr_at``, ``Trainer``, ``train``,
 ``save_checkpoint`` / ``load_checkpoint``, ``write_model_dir``) take a model and arrays, not
 command-line state.
@@ -40,6 +47,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
+from . import distributed as dist
 from .config import ConfigError, ModelArgs, PRESETS, is_full_precision_key, parameter_count
 from .data import Batch, BatchIterator, DataError, PackedDataset, iterate_batches
 
@@ -259,12 +267,19 @@ class Trainer:
 
     ``step(batches)`` runs one optimizer update over ``len(batches)`` micro-batches (gradient
     accumulation, weighted by token count) and returns lazy (loss, tokens, grad_norm) arrays.
+
+    With a ``group`` of several ranks (data parallelism) each rank passes its own shard of the
+    micro-batches; gradients, loss and token count are token-weighted over all ranks (one fused
+    all_sum per update, :func:`distributed.reduce_step`), so every rank applies the same update.
     """
 
-    def __init__(self, model, optimizer: AdamW, cfg: TrainConfig):
+    def __init__(self, model, optimizer: AdamW, cfg: TrainConfig, group=None):
         self.model = model
         self.optimizer = optimizer
         self.cfg = cfg
+        self.group = dist.get_group(group)
+        self.world = dist.world(self.group)
+        group, distributed = self.group, self.world.distributed
         self.dtype = DTYPES[cfg.compute_dtype]
         self.last_eval_batch_s: Optional[float] = None
         if cfg.grad_checkpoint:
@@ -286,6 +301,8 @@ class Trainer:
 
         def fused_step(inputs, targets, mask):
             loss, ntoks, grads = loss_and_grads(inputs, targets, mask)
+            if distributed:
+                grads, loss, ntoks = dist.reduce_step(grads, loss, ntoks, group)
             grads, norm = clip_by_global_norm(grads, clip)
             optimizer.update(model, grads)
             return loss, ntoks, norm
@@ -325,18 +342,27 @@ class Trainer:
             total = ntoks if total is None else total + ntoks
             loss_sum = loss * ntoks if loss_sum is None else loss_sum + loss * ntoks
             mx.eval(acc, total, loss_sum)   # bound memory: one micro-batch's graph at a time
+        if self.world.distributed:          # token-weighted sums over all ranks, one fused all_sum
+            summed = dist.all_sum_tree({"g": acc, "s": mx.stack([loss_sum, total])}, self.group)
+            acc, loss_sum, total = summed["g"], summed["s"][0], summed["s"][1]
         norm = self._apply(acc, 1.0 / mx.maximum(total, 1.0))
         return loss_sum / mx.maximum(total, 1.0), total, norm
 
     def evaluate(self, dataset: PackedDataset, batch_size: int, max_batches: int = 0) -> Tuple[float, int]:
-        """Mean loss over the first ``max_batches`` batches (0: all) of ``dataset`` in order."""
+        """Mean loss over the first ``max_batches`` batches (0: all) of ``dataset`` in order. With
+        several ranks ``batch_size`` is the global batch: each rank evaluates its rows of every
+        batch and the sums are combined, so all ranks return the single-process value."""
         self.model.eval()
         total_loss, total_n = 0.0, 0
         times = []
+        rank, size = self.world.rank, self.world.size
         try:
-            for i, b in enumerate(iterate_batches(dataset, batch_size, shuffle=False, loop=False)):
+            for i, b in enumerate(iterate_batches(dataset, batch_size, shuffle=False, loop=False,
+                                                  rank=rank, world_size=size)):
                 if max_batches and i >= max_batches:
                     break
+                if b.inputs.shape[0] == 0:   # this rank's share of a short last batch
+                    continue
                 t = time.perf_counter()
                 s, n = self._eval(mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
                 mx.eval(s, n)
@@ -347,6 +373,9 @@ class Trainer:
             self.model.train()
         if times:  # the median leaves out a first call that compiled the eval step
             self.last_eval_batch_s = float(np.median(times))
+        if size > 1:
+            total_loss, n = dist.all_sum_scalars([total_loss, total_n], self.group)
+            total_n = int(round(n))
         return (total_loss / total_n if total_n else float("nan")), total_n
 
 
@@ -491,12 +520,24 @@ class _Display:
 def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], cfg: TrainConfig, *,
           checkpoint_dir=None, resume: bool = False, deadline: Optional[float] = None,
           quiet: bool = False, on_step: Optional[Callable[[int, float], None]] = None,
-          extra_state: Optional[dict] = None) -> TrainResult:
+          extra_state: Optional[dict] = None, group=None) -> TrainResult:
     """Train ``model`` in place. ``deadline`` (``time.perf_counter()`` seconds; default now +
     ``cfg.time_budget_s``) stops training cleanly in time for the final validation. With
     ``cfg.iters`` None the number of updates is planned from the time budget after a few steps.
-    ``on_step(step, loss)`` is called after every update (tests use it to interrupt a run)."""
+    ``on_step(step, loss)`` is called after every update (tests use it to interrupt a run).
+
+    Data parallelism: ``group`` (default: the global group of ``mx.distributed.init()``, a group
+    of one without a launcher) with several ranks trains on global batches of ``cfg.batch_size``
+    rows per rank; every rank calls ``train`` with the same arguments, only rank 0 logs and writes
+    checkpoints, and losses, token counts and validation are global. Checkpoints store the data
+    position in global rows, so ``resume`` works with any number of ranks that keeps the global
+    batch (``batch_size * ranks``)."""
     cfg.validate()
+    group = dist.get_group(group)
+    wd = dist.world(group)
+    main_rank = wd.is_main
+    quiet = quiet or not main_rank
+    global_batch = cfg.batch_size * wd.size
     check_seq_len(cfg.seq_len, model.args.chunk_size)
     if train_set.seq_len != cfg.seq_len or (valid_set is not None and valid_set.seq_len != cfg.seq_len):
         raise TrainError("datasets were packed with a different sequence length than --seq-len")
@@ -506,19 +547,35 @@ def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], c
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     optimizer = build_optimizer(cfg)
-    iterator = BatchIterator(train_set, cfg.batch_size, cfg.seed)
+    iterator = BatchIterator(train_set, global_batch, cfg.seed, rank=wd.rank, world_size=wd.size)
     data_fp = train_set.stream.fingerprint()
     step, tokens, planned = 0, 0, cfg.iters
     train_losses: List[Tuple[int, float]] = []
     val_history: List[Tuple[int, float]] = []
     prior_elapsed = 0.0
+    saved_step = None       # the step of the newest checkpoint this run wrote or resumed from
     if resume:
         latest = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        if wd.distributed:  # every rank must resume from the same checkpoint (shared or copied OUT)
+            seen = dist.gather_scalars([-1 if latest is None else int(CHECKPOINT_RE.match(latest.name).group(1))],
+                                       group)[:, 0]
+            if len(set(seen.tolist())) > 1:
+                raise TrainError(f"--resume: the ranks see different newest checkpoints in {ckpt_dir} (steps "
+                                 f"{', '.join(str(int(x)) if x >= 0 else 'none' for x in seen)} on ranks "
+                                 f"0..{wd.size - 1}); put OUT on a shared filesystem or copy it to every host")
         if latest is None:
             raise TrainError(f"--resume: no checkpoint in {ckpt_dir}")
         state = load_checkpoint(latest, model, optimizer)
         saved = state.get("train_config", {})
+        saved_world = int(state.get("world_size", 1))
+        if "batch_size" in saved and saved["batch_size"] * saved_world != global_batch:
+            raise TrainError(f"--resume: the global batch (batch_size x ranks) was {saved['batch_size']} x "
+                             f"{saved_world} = {saved['batch_size'] * saved_world} rows in {latest.name}, now "
+                             f"{cfg.batch_size} x {wd.size} = {global_batch}; choose --batch-size so that "
+                             f"they match")
         for key in RESUME_KEYS:
+            if key == "batch_size":
+                continue
             if key in saved and saved[key] != getattr(cfg, key):
                 raise TrainError(f"--resume: {key} was {saved[key]!r} in {latest.name}, now {getattr(cfg, key)!r}; "
                                  f"resume with the same training settings")
@@ -531,30 +588,47 @@ def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], c
         train_losses = [tuple(x) for x in state.get("train_losses", [])]
         val_history = [tuple(x) for x in state.get("val_history", [])]
         prior_elapsed = float(state.get("elapsed_s", 0.0))
+        saved_step = step
         _reseed(cfg.seed, step)
     else:
         _reseed(cfg.seed, 0)
+    try:   # identical starting weights and optimizer state on every rank (same seed / checkpoint)
+        dist.check_identical({"model": model.parameters(), "optimizer": optimizer.state}, group,
+                             "weights" if not resume else "weights or optimizer state")
+    except dist.DistributedError as e:
+        raise TrainError(str(e)) from None
 
-    trainer = Trainer(model, optimizer, cfg)
-    val_bs = cfg.batch_size
+    trainer = Trainer(model, optimizer, cfg, group)
+    val_bs = global_batch
+    tokens_per_step = cfg.tokens_per_step * wd.size
     display = _Display(planned, step, quiet)
     if not quiet:
         display.log(f"{parameter_count(model.args):,} parameters; {len(train_set):,} training rows of "
-                    f"{cfg.seq_len} tokens ({train_set.num_tokens:,} tokens), {cfg.tokens_per_step:,} tokens/step"
+                    f"{cfg.seq_len} tokens ({train_set.num_tokens:,} tokens), {tokens_per_step:,} tokens/step"
+                    + (f" over {wd.size} ranks (global batch {global_batch} rows)" if wd.distributed else "")
                     + (f"; resuming at step {step}" if step else ""))
 
     def state_dict(elapsed: float) -> dict:
         return {"step": step, "tokens": tokens, "planned_iters": planned, "data": iterator.state_dict(),
-                "data_fingerprint": data_fp, "train_config": dataclasses.asdict(cfg),
+                "data_fingerprint": data_fp, "train_config": dataclasses.asdict(cfg), "world_size": wd.size,
+                "global_batch_size": global_batch,
                 "model_args": model.args.to_dict(), "train_losses": train_losses, "val_history": val_history,
                 "elapsed_s": elapsed, **(extra_state or {})}
 
     def checkpoint() -> None:
+        nonlocal saved_step
         mx.eval(trainer.state)
-        save_checkpoint(ckpt_dir / f"step-{step:08d}", model, optimizer, state_dict(prior_elapsed + time.perf_counter() - t0))
-        for old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        if main_rank:
+            save_checkpoint(ckpt_dir / f"step-{step:08d}", model, optimizer,
+                            state_dict(prior_elapsed + time.perf_counter() - t0))
+            for old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier(group)     # nobody runs ahead of (or reads before) the complete checkpoint
+        saved_step = step
         _reseed(cfg.seed, step)
+
+    # Decisions taken from a clock (time budget) must be the same on every rank: rank 0's count.
+    agree = (lambda v: dist.broadcast_scalar(v, group)) if wd.distributed else (lambda v: v)
 
     step_times: List[float] = []
     eval_time_per_batch: Optional[float] = None
@@ -599,7 +673,7 @@ def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], c
         while planned is None or step < planned:
             now = time.perf_counter()
             if deadline is not None and step_times:
-                if now + float(np.median(step_times[-20:])) + reserve_s() > deadline:
+                if agree(float(now + float(np.median(step_times[-20:])) + reserve_s() > deadline)):
                     stop_reason = "time budget reached"
                     break
             trainer.set_learning_rate(lr_at(step, cfg, planned))
@@ -607,8 +681,10 @@ def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], c
             loss, ntoks, _norm = trainer.step(batches)
             mx.async_eval(trainer.state, loss, ntoks)
             step += 1
-            tokens += sum(b.num_tokens for b in batches)
-            window_tokens += sum(b.num_tokens for b in batches)
+            # packed rows count every token and every rank holds the same number of rows
+            step_tokens = sum(b.num_tokens for b in batches) * wd.size
+            tokens += step_tokens
+            window_tokens += step_tokens
             if pending is not None:
                 settle(pending)
             pending = (step, loss, ntoks)
@@ -631,12 +707,13 @@ def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], c
                 planned = max(step + 1, step + int(0.97 * budget / (per_step + val_cost)))
                 if planned <= cfg.warmup:
                     planned = cfg.warmup + 1
+                planned = int(round(agree(planned)))
                 display.log(f"time budget: planned {planned} steps ({per_step * 1000:.0f} ms/step)")
 
             report = step % cfg.report_every == 0 or step == planned
             do_val = cfg.val_every and step % cfg.val_every == 0 and valid_set is not None and len(valid_set) \
                 and step != planned
-            do_save = ckpt_dir is not None and cfg.save_every and step % cfg.save_every == 0
+            do_save = bool(ckpt_dir is not None and cfg.save_every and step % cfg.save_every == 0)
             if report or do_val or do_save:
                 if pending is not None:
                     settle(pending)
@@ -651,7 +728,7 @@ def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], c
                             f"{prior_elapsed + time.perf_counter() - t0:.0f}s")
             if do_val:
                 est = (eval_time_per_batch or 0.0) * (cfg.val_batches or n_final_val)
-                if deadline is None or time.perf_counter() + est + reserve_s() < deadline:
+                if deadline is None or agree(float(time.perf_counter() + est + reserve_s() < deadline)):
                     vloss, n = trainer.evaluate(valid_set, val_bs, cfg.val_batches)
                     eval_time_per_batch = trainer.last_eval_batch_s
                     val_history.append((step, vloss))
@@ -668,18 +745,18 @@ def train(model, train_set: PackedDataset, valid_set: Optional[PackedDataset], c
     finally:
         display.close()
 
-    if ckpt_dir is not None and cfg.save_every and step and not (list_checkpoints(ckpt_dir) and
-                                                                 list_checkpoints(ckpt_dir)[-1].name == f"step-{step:08d}"):
+    if ckpt_dir is not None and cfg.save_every and step and saved_step != step:
         checkpoint()
     train_time = time.perf_counter() - t0
     result = TrainResult(step=step, iters=planned or step, tokens=tokens, elapsed_s=prior_elapsed + train_time,
                          stop_reason=stop_reason, train_losses=train_losses, val_history=val_history)
     if step_times:
-        result.tokens_per_sec = cfg.tokens_per_step / float(np.median(step_times))
+        result.tokens_per_sec = tokens_per_step / float(np.median(step_times))
     if valid_set is not None and len(valid_set):
         n_batches = cfg.final_val_batches
         if deadline is not None and eval_batch_s() > 0:
             fit = max(1, int((deadline - time.perf_counter() - 0.5) / (1.1 * eval_batch_s())))
+            fit = max(1, int(round(agree(fit))))
             if fit < n_final_val:
                 n_batches = fit
                 display.log(f"final validation trimmed to {fit} of {n_final_val} batches to fit the time budget")
@@ -912,8 +989,15 @@ def config_from_args(a, seq_len: int) -> TrainConfig:
 
 
 def run(a) -> TrainResult:
+    """The CLI. Under ``mlx.launch`` (several ranks) every rank runs this with the same flags: all
+    read the data and the tokenizer themselves (their paths must exist on every host), rank 0
+    writes OUT (tokenizer copy, checkpoints, model, log, plot) and the others wait for it;
+    ``--resume`` needs OUT's checkpoints on every rank (shared filesystem or a copy)."""
     from .tokenizer import Tokenizer, load_tokenizer
     from .utils import load_model
+    group = dist.init()
+    wd = dist.world(group)
+    main_rank = wd.is_main
     out = Path(a.out)
     ckpt_dir = out / "checkpoints"
     if a.val_fraction is not None and not 0.0 <= a.val_fraction < 1.0:
@@ -952,46 +1036,59 @@ def run(a) -> TrainResult:
                 raise TrainError("--tokenizer is required with --preset/--config")
             tokenizer = load_tokenizer(a.tokenizer)
             model = new_model(model_args_from(a.preset, a.config, tokenizer.vocab_size), a.seed)
-        out.mkdir(parents=True, exist_ok=True)
-        if tokenizer.path.resolve() != (out / "tokenizer.model").resolve():
-            _atomic_file(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer.path, p))
-        tokenizer = Tokenizer(out / "tokenizer.model", tokenizer.additional_vocab_size)
+        if main_rank:   # the other ranks keep reading the tokenizer from where it was given
+            out.mkdir(parents=True, exist_ok=True)
+            if tokenizer.path.resolve() != (out / "tokenizer.model").resolve():
+                _atomic_file(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer.path, p))
+            tokenizer = Tokenizer(out / "tokenizer.model", tokenizer.additional_vocab_size)
 
     seq_len = a.seq_len if a.seq_len is not None else model.args.chunk_size
     check_seq_len(seq_len, model.args.chunk_size)
     cfg = config_from_args(a, seq_len)
     cfg.validate()
 
-    # the data
+    # the data: rank 0 tokenizes first (and fills the cache); the others then find it in the cache
+    # on a shared filesystem, or tokenize for themselves
     from .data import load_token_stream
     cache_dir = Path(a.cache_dir) if a.cache_dir else out / "data-cache"
-    stream = load_token_stream(a.train, tokenizer, cache_dir, a.text_key, a.max_doc_chars)
-    if a.valid:
-        valid_stream = load_token_stream(a.valid, tokenizer, cache_dir, a.text_key, a.max_doc_chars)
-    elif a.val_fraction:
-        stream, valid_stream = stream.split_tail(a.val_fraction)
-    else:
-        valid_stream = None
+
+    def load_streams():
+        s = load_token_stream(a.train, tokenizer, cache_dir, a.text_key, a.max_doc_chars)
+        v = load_token_stream(a.valid, tokenizer, cache_dir, a.text_key, a.max_doc_chars) if a.valid else None
+        return s, v
+    if main_rank:
+        stream, valid_stream = load_streams()
+    dist.barrier(group)
+    if not main_rank:
+        stream, valid_stream = load_streams()
+    if not a.valid:
+        stream, valid_stream = stream.split_tail(a.val_fraction) if a.val_fraction else (stream, None)
     train_set = PackedDataset(stream, seq_len)
     if len(train_set) == 0:
         raise DataError(f"{a.train[0]}{'...' if len(a.train) > 1 else ''}: {len(stream)} training tokens, fewer "
                         f"than --seq-len + 1 = {seq_len + 1}")
     valid_set = PackedDataset(valid_stream, seq_len) if valid_stream is not None else None
     if valid_set is not None and len(valid_set) == 0:
-        if not a.quiet:
+        if not a.quiet and main_rank:
             print(f"{PROG}: note: validation data has fewer than {seq_len + 1} tokens; validation skipped",
                   file=sys.stderr)
         valid_set = None
 
-    result = train(model, train_set, valid_set, cfg, checkpoint_dir=ckpt_dir, resume=a.resume, quiet=a.quiet)
+    result = train(model, train_set, valid_set, cfg, checkpoint_dir=ckpt_dir, resume=a.resume, quiet=a.quiet,
+                   group=group)
+    if not main_rank:
+        dist.barrier(group)     # until rank 0 has written the outputs
+        return result
     write_model_dir(model, out / "tokenizer.model", out, DTYPES[a.save_dtype])
     log = {"step": result.step, "iters": result.iters, "tokens": result.tokens, "elapsed_s": result.elapsed_s,
            "stop_reason": result.stop_reason, "tokens_per_sec": result.tokens_per_sec,
            "final_val_loss": result.final_val_loss, "final_val_ppl": result.final_val_ppl,
            "train_losses": result.train_losses, "val_history": result.val_history,
-           "train_config": dataclasses.asdict(cfg), "model_args": model.args.to_dict()}
+           "train_config": dataclasses.asdict(cfg), "model_args": model.args.to_dict(),
+           "world_size": wd.size, "global_batch_size": cfg.batch_size * wd.size}
     _atomic_file(out / "train_log.json", lambda p: p.write_text(json.dumps(log) + "\n"))
     png = plot_losses(result, out / "loss.png")
+    dist.barrier(group)
     if not a.quiet:
         ppl = f", validation perplexity {result.final_val_ppl:.2f}" if result.final_val_loss is not None else ""
         print(f"{PROG}: {result.stop_reason} at step {result.step}: {result.tokens:,} tokens in "
@@ -1007,7 +1104,8 @@ def main(argv=None) -> int:
     try:
         run(a)
     except (TrainError, DataError, ConfigError, CheckpointError, TokenizerError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        rank = dist.world().rank
+        print(f"{PROG}: error{f' (rank {rank})' if rank else ''}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
