@@ -59,7 +59,6 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import distributed as dist
-from .mega import MegaBlock
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -484,22 +483,8 @@ def trainable_parameter_line(model) -> str:
 def enable_grad_checkpoint(model, enabled: bool = True) -> None:
     """Recompute each layer's activations in the backward pass (``mx.checkpoint``): training memory
     holds only the layer inputs. Per model instance (the layer class is swapped, not patched)."""
-    for layer in model.layers:
-        if enabled and type(layer) is MegaBlock:
-            layer.__class__ = _CheckpointedBlock
-        elif not enabled and type(layer) is _CheckpointedBlock:
-            layer.__class__ = MegaBlock
-
-
-class _CheckpointedBlock(MegaBlock):
-    def __call__(self, x, cache=None):
-        if cache is not None or not self.training:
-            return MegaBlock.__call__(self, x, cache)
-
-        def inner(params, x):
-            self.update(params)
-            return MegaBlock.__call__(self, x)
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+    from .train import set_grad_checkpoint
+    set_grad_checkpoint(model, enabled)
 
 
 # =============================================================================== data

@@ -1,7 +1,8 @@
 """The Megalodon language model in MLX, keyed like upstream's ``Mega`` state_dict.
 
 Follows mlx-lm's model contract: ``Model(args)``, ``model(inputs, cache=None)`` -> logits,
-``make_cache()``, ``layers`` and ``sanitize(weights)``.
+``make_cache()``, ``layers`` and ``sanitize(weights)``. Training on packed rows:
+``model(inputs, segment_ids=...)`` keeps the documents of a row from seeing each other.
 """
 from __future__ import annotations
 
@@ -18,14 +19,31 @@ from .normalized_feedforward_network import NormalizedFeedForwardNetwork
 from .timestep_norm import TimestepNorm, TimestepNormState
 
 
+def document_starts(segment_ids: mx.array, shape=None) -> mx.array:
+    """B x L segment ids -> B x L int32: the index of the first token of each token's document
+    (a document starts at t = 0 and wherever the id changes). Pure array ops, no host sync."""
+    segment_ids = mx.array(segment_ids) if not isinstance(segment_ids, mx.array) else segment_ids
+    if segment_ids.ndim != 2 or (shape is not None and tuple(segment_ids.shape) != tuple(shape)):
+        want = "batch x length" if shape is None else f"the inputs' shape {tuple(shape)}"
+        raise ValueError(f"segment_ids must have shape {want}, got {tuple(segment_ids.shape)}")
+    B, L = segment_ids.shape
+    t = mx.arange(L, dtype=mx.int32)
+    changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+    is_start = mx.concatenate([mx.ones((B, 1), dtype=mx.bool_), changed], axis=1)
+    return mx.cummax(mx.where(is_start, t, 0), axis=1)
+
+
 class MegaBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.mega = MovingAverageGatedAttention(args)
         self.nffn = NormalizedFeedForwardNetwork(args, layer_id)
 
-    def __call__(self, x: mx.array, cache: Optional[MegalodonCache] = None) -> mx.array:
-        return self.nffn(self.mega(x, cache), x)
+    def __call__(self, x: mx.array, cache: Optional[MegalodonCache] = None,
+                 doc_starts: Optional[mx.array] = None) -> mx.array:
+        if doc_starts is None:
+            return self.nffn(self.mega(x, cache), x)
+        return self.nffn(self.mega(x, cache, doc_starts=doc_starts), x)
 
 
 class MegaOutputLayer(nn.Module):
@@ -35,8 +53,9 @@ class MegaOutputLayer(nn.Module):
         if not args.share_emb:
             self.output = nn.Linear(args.model_dim, args.output_dim, bias=False)
 
-    def __call__(self, x, embed: nn.Embedding, cache: Optional[TimestepNormCache] = None, last_only=False):
-        x, state = self.final_norm(x, None if cache is None else cache.norm)
+    def __call__(self, x, embed: nn.Embedding, cache: Optional[TimestepNormCache] = None, last_only=False,
+                 doc_starts: Optional[mx.array] = None):
+        x, state = self.final_norm(x, None if cache is None else cache.norm, doc_starts)
         if cache is not None:
             cache.norm = state
             cache.offset += x.shape[1]
@@ -55,11 +74,24 @@ class Model(nn.Module):
         self.output = MegaOutputLayer(args)
         self._compiled_step = None
 
-    def __call__(self, inputs: mx.array, cache: Optional[List] = None, *, last_only: bool = False) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: Optional[List] = None, *, last_only: bool = False,
+                 segment_ids: Optional[mx.array] = None) -> mx.array:
         """inputs: B x L token ids -> B x L x vocab logits (float32); B x 1 x vocab with
-        ``last_only`` (prompt ingestion needs only the next-token distribution)."""
+        ``last_only`` (prompt ingestion needs only the next-token distribution).
+
+        ``segment_ids`` (B x L ints, full forward only: no cache): rows packed from several
+        documents, numbered along each row (non-decreasing; a change from t-1 to t starts a document
+        at t, and t = 0 always starts one). Every document is then processed exactly as if it were
+        its own sequence: CEMA and TimestepNorm restart, chunks and RoPE positions count from the
+        document's start, attention stays inside it. All zeros gives the plain call's result."""
         if inputs.ndim != 2:
             raise ValueError(f"inputs must be a 2-D array of token ids (batch x length), got shape {inputs.shape}")
+        doc_starts = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids is for full (training) forward passes; it cannot be used with a "
+                                 "cache (stream each document separately instead)")
+            doc_starts = document_starts(segment_ids, inputs.shape)
         if cache is not None and len(cache) != len(self.layers) + 1:
             raise ValueError(f"cache has {len(cache)} entries; this model needs {len(self.layers) + 1} "
                              f"(use model.make_cache())")
@@ -68,9 +100,13 @@ class Model(nn.Module):
         h = self.embed(inputs)
         if self.args.scale_emb:
             h = h * math.sqrt(self.args.model_dim)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, None if cache is None else cache[i])
-        logits = self.output(h, self.embed, None if cache is None else cache[-1], last_only)
+        if doc_starts is None:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, None if cache is None else cache[i])
+        else:
+            for layer in self.layers:
+                h = layer(h, None, doc_starts=doc_starts)
+        logits = self.output(h, self.embed, None if cache is None else cache[-1], last_only, doc_starts)
         return logits.astype(mx.float32)
 
     def make_cache(self) -> List:

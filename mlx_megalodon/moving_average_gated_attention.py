@@ -45,6 +45,58 @@ def chunk_attention(q, k, v, chunk_size: int, periods: mx.array):
     return merge(out), merge(kc)
 
 
+def rope_at(x: mx.array, periods: mx.array, positions: mx.array) -> mx.array:
+    """Interleaved-pair RoPE at per-token positions: x B x H x L x d, positions B x L (ints).
+    The same angles as ``apply_rope`` (position · 1/period), computed in float32."""
+    B, H, L, d = x.shape
+    angle = positions.astype(mx.float32)[:, None, :, None] * mx.reciprocal(periods)   # B,1,L,d/2
+    cos, sin = mx.cos(angle), mx.sin(angle)
+    pairs = x.astype(mx.float32).reshape(B, H, L, d // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(B, H, L, d).astype(x.dtype)
+
+
+def packed_chunk_attention(q, k, v, chunk_size: int, periods: mx.array, doc_starts: mx.array):
+    """``chunk_attention`` for rows of packed documents: each document is chunked from its own
+    start (doc-relative chunk (t - start) // C, RoPE position (t - start) % C) and attention never
+    crosses a document or a doc-relative chunk.
+
+    doc_starts: B x L ints, each token's document start. A doc-relative chunk spans at most two
+    global chunks, so the queries of global chunk g attend to the keys of chunks g-1 and g under a
+    boolean mask: key j is visible to query t iff t - (t - start_t) % C <= j <= t.
+    Returns the output B x H x L x dv.
+    """
+    B, H, L, _ = q.shape
+    C = chunk_size
+    t = mx.arange(L, dtype=mx.int32)
+    rel = (t - doc_starts.astype(mx.int32)) % C                  # B,L position in its chunk
+    q, k = rope_at(q, periods, rel), rope_at(k, periods, rel)
+    first = t - rel                                              # B,L first step of t's chunk
+    nc = -(-L // C)
+    pad = nc * C - L
+    if pad:  # padded steps see only themselves and come after every real one
+        q, k, v = (mx.pad(a, [(0, 0), (0, 0), (0, pad), (0, 0)]) for a in (q, k, v))
+        first = mx.concatenate([first, mx.broadcast_to(mx.arange(L, L + pad, dtype=mx.int32), (B, pad))], axis=1)
+
+    def split(a):  # B,H,nc*C,d -> B,nc,H,C,d
+        return mx.swapaxes(a.reshape(B, H, nc, C, a.shape[-1]), 1, 2)
+
+    def with_previous(a):  # B,nc,H,C,d -> B*nc,H,2C,d: chunk g-1 (zeros for g = 0) then chunk g
+        prev = mx.pad(a, [(0, 0), (1, 0), (0, 0), (0, 0), (0, 0)])[:, :nc]
+        return mx.concatenate([prev, a], axis=3).reshape(B * nc, H, 2 * C, a.shape[-1])
+
+    qc = split(q).reshape(B * nc, H, C, q.shape[-1])
+    kc, vc = with_previous(split(k)), with_previous(split(v))
+    g = mx.arange(nc, dtype=mx.int32)[:, None, None] * C
+    query_pos = g + mx.arange(C, dtype=mx.int32)[None, :, None]            # nc,C,1
+    key_pos = g - C + mx.arange(2 * C, dtype=mx.int32)[None, None, :]      # nc,1,2C
+    mask = (key_pos <= query_pos) & (key_pos >= first.reshape(B, nc, C, 1))  # B,nc,C,2C
+    out = mx.fast.scaled_dot_product_attention(qc, kc, vc, scale=1.0, mask=mask.reshape(B * nc, 1, C, 2 * C))
+    out = mx.swapaxes(out.reshape(B, nc, H, C, -1), 1, 2).reshape(B, H, nc * C, -1)
+    return out[:, :, :L]
+
+
 class MovingAverageGatedAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -106,11 +158,11 @@ class MovingAverageGatedAttention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=visible)
         return out, keys, values
 
-    def _gates(self, x, norm_state, cema_state, need_state):
+    def _gates(self, x, norm_state, cema_state, need_state, doc_starts=None):
         B, L, _ = x.shape
         dtype = x.dtype
-        xn, norm_state = self.timenorm(x, norm_state)
-        c, cema_state = self.cema(xn, cema_state, return_state=need_state)
+        xn, norm_state = self.timenorm(x, norm_state, doc_starts)
+        c, cema_state = self.cema(xn, cema_state, return_state=need_state, doc_starts=doc_starts)
         mx_ = self.rmsnorm(c.astype(dtype))
         z = self.wz(mx_).reshape(B, L, self.num_heads, self.z_head_dim)
         z = mx.fast.rms_norm(z, None, self.eps).reshape(B, L, -1)
@@ -127,7 +179,16 @@ class MovingAverageGatedAttention(nn.Module):
         attn = mx.swapaxes(attn, 1, 2).reshape(B, L, -1)
         return self.wh1(mx_) + self.wh2(attn * r) + x
 
-    def __call__(self, x: mx.array, cache: Optional[MegalodonCache] = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: Optional[MegalodonCache] = None,
+                 doc_starts: Optional[mx.array] = None) -> mx.array:
+        """``doc_starts`` (B x L ints, the index of each token's document start; full forward only):
+        packed documents, each processed as if it were its own sequence."""
+        if doc_starts is not None:
+            if cache is not None:
+                raise ValueError("packed documents (doc_starts) are for full forward passes, not with a cache")
+            (q, k, v), r, mx_, _, _ = self._gates(x, None, None, False, doc_starts)
+            attn = packed_chunk_attention(q, k, v, self.chunk_size, self._periods, doc_starts)
+            return self._output(x, attn, r, mx_)
         (q, k, v), r, mx_, norm_state, cema_state = self._gates(
             x, None if cache is None else cache.norm, None if cache is None else cache.cema, cache is not None)
         attn = self._attend(q, k, v, cache)

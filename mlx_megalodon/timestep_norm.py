@@ -5,6 +5,7 @@ At step t, each group's mean/variance over its D/G features is merged with the r
 features seen so far. Upstream walks the steps one by one; here the merge is written in closed
 form with cumulative sums (shifted by the first step's mean, summed in two levels for long
 sequences), which gives the same numbers in parallel. Statistics are float32 whatever x's dtype.
+Packed rows (``doc_starts``) restart the statistics at every document start with segmented sums.
 """
 from __future__ import annotations
 
@@ -40,25 +41,58 @@ def cumsum_two_level(a: mx.array, axis: int = 1, block: int = _SCAN_BLOCK) -> mx
     return out[:, :L]
 
 
-def timestep_norm(x, weight, bias, state: TimestepNormState, num_groups: int, eps: float):
+def segmented_cumsum(a: mx.array, is_start: mx.array) -> mx.array:
+    """Inclusive cumsum along axis 1 that restarts at every ``is_start`` (B x L bool) step.
+
+    A Hillis-Steele scan (log2(L) shifted adds), so each sum is a tree of its own document's terms
+    only: no difference of long running sums, whose rounding would swamp a short late document."""
+    B, L = a.shape[:2]
+    extra = [(0, 0)] * (a.ndim - 2)
+    carry = mx.logical_not(is_start)             # step t adds what came before it
+    k = 1
+    while k < L:
+        prev = mx.pad(a, [(0, 0), (k, 0)] + extra)[:, :L]
+        a = a + mx.where(carry.reshape(B, L, *([1] * (a.ndim - 2))), prev, 0.0)
+        carry = carry & mx.pad(carry, [(0, 0), (k, 0)], constant_values=False)[:, :L]
+        k *= 2
+    return a
+
+
+def timestep_norm(x, weight, bias, state: TimestepNormState, num_groups: int, eps: float,
+                  doc_starts: Optional[mx.array] = None):
+    """``doc_starts`` (B x L ints: index of each token's document start) restarts the statistics
+    from ``state`` at every document start, as if each document were its own sequence; the
+    returned state is then the last document's."""
     B, L, D = x.shape
     xf = x.astype(mx.float32).reshape(B, L, num_groups, D // num_groups)
     step_mean = xf.mean(axis=-1)                                  # B,L,G
     step_var = mx.var(xf, axis=-1)                                # biased, as upstream
     c0 = state.count.astype(mx.float32)[:, None, None]            # B,1,1
     m0, v0 = state.mean[:, None], state.var[:, None]              # B,1,G
-    shift = step_mean[:, :1]
-    d = step_mean - shift
-    s1 = c0 * (m0 - shift) + cumsum_two_level(d)
-    s2 = c0 * (v0 + mx.square(m0 - shift)) + cumsum_two_level(step_var + mx.square(d))
-    n = c0 + mx.arange(1, L + 1, dtype=mx.float32)[None, :, None]
+    if doc_starts is None:
+        shift = step_mean[:, :1]
+        d = step_mean - shift
+        s1 = c0 * (m0 - shift) + cumsum_two_level(d)
+        s2 = c0 * (v0 + mx.square(m0 - shift)) + cumsum_two_level(step_var + mx.square(d))
+        n = c0 + mx.arange(1, L + 1, dtype=mx.float32)[None, :, None]
+        count = state.count + L
+    else:
+        starts = doc_starts.astype(mx.int32)
+        t = mx.arange(L, dtype=mx.int32)
+        is_start = starts == t
+        shift = mx.take_along_axis(step_mean, mx.broadcast_to(starts[..., None], step_mean.shape), axis=1)
+        d = step_mean - shift                                     # shift: the document's first step
+        s1 = c0 * (m0 - shift) + segmented_cumsum(d, is_start)
+        s2 = c0 * (v0 + mx.square(m0 - shift)) + segmented_cumsum(step_var + mx.square(d), is_start)
+        n = c0 + (t - starts + 1).astype(mx.float32)[..., None]
+        count = state.count + (L - starts[:, -1]).astype(state.count.dtype)
     mean_off = s1 / n
     mean = shift + mean_off
     var = mx.maximum(s2 / n - mx.square(mean_off), 0.0)
     rstd = mx.rsqrt(var + eps)
     y = (xf - mean[..., None]) * rstd[..., None]
     y = y.reshape(B, L, D) * (weight.astype(mx.float32) + 1.0) + bias.astype(mx.float32)
-    new_state = TimestepNormState(state.count + L, mean[:, -1], var[:, -1])
+    new_state = TimestepNormState(count, mean[:, -1], var[:, -1])
     return y.astype(x.dtype), new_state
 
 
@@ -82,7 +116,10 @@ class TimestepNorm(nn.Module):
         var = mx.broadcast_to(mx.exp(self.prior_logv.astype(mx.float32)), (batch_size, self.num_groups))
         return TimestepNormState(count, mean, var)
 
-    def __call__(self, x: mx.array, state: Optional[TimestepNormState] = None):
+    def __call__(self, x: mx.array, state: Optional[TimestepNormState] = None,
+                 doc_starts: Optional[mx.array] = None):
+        """``doc_starts``: B x L document-start indices of packed documents; every document then
+        starts from the prior (``initial_state``) as if alone."""
         if state is None:
             state = self.initial_state(x.shape[0])
-        return timestep_norm(x, self.weight, self.bias, state, self.num_groups, self.eps)
+        return timestep_norm(x, self.weight, self.bias, state, self.num_groups, self.eps, doc_starts)

@@ -81,6 +81,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     grad_checkpoint: bool = False
     compile: bool = True
+    document_resets: bool = True        # packed documents do not see each other (segment ids)
     val_every: int = 200                # 0: only the final validation
     val_batches: int = 20               # batches per periodic validation; 0: the whole set
     final_val_batches: int = 0          # 0: the whole validation set
@@ -149,10 +150,11 @@ def check_seq_len(seq_len: int, chunk_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------- loss, optimizer, schedule
-def loss_fn(model, inputs: mx.array, targets: mx.array, mask: Optional[mx.array] = None
-            ) -> Tuple[mx.array, mx.array]:
-    """Mean next-token cross entropy over the tokens where ``mask`` is 1 -> (loss, token count)."""
-    logits = model(inputs)
+def loss_fn(model, inputs: mx.array, targets: mx.array, mask: Optional[mx.array] = None,
+            segment_ids: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+    """Mean next-token cross entropy over the tokens where ``mask`` is 1 -> (loss, token count).
+    With ``segment_ids`` the packed documents of a row do not see each other."""
+    logits = model(inputs, segment_ids=segment_ids)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
     if mask is None:
         ntoks = mx.array(ce.size, dtype=mx.float32)
@@ -239,13 +241,15 @@ _CHECKPOINTED: Dict[type, type] = {}
 
 def _checkpointed_class(base: type) -> type:
     if base not in _CHECKPOINTED:
-        def __call__(self, x, cache=None):
+        def __call__(self, x, cache=None, doc_starts=None):
             if cache is not None:
                 return base.__call__(self, x, cache)
 
+            starts = None if doc_starts is None else mx.stop_gradient(doc_starts)  # integer indices
+
             def inner(params, x):
                 self.update(params)
-                return base.__call__(self, x)
+                return base.__call__(self, x, None, doc_starts=starts)
             return mx.checkpoint(inner)(self.trainable_parameters(), x)
         _CHECKPOINTED[base] = type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__})
     return _CHECKPOINTED[base]
@@ -289,18 +293,18 @@ class Trainer:
         self.state = [model.state, optimizer.state, mx.random.state]
         dtype, clip = self.dtype, cfg.grad_clip
 
-        def loss_and_grads(inputs, targets, mask):
+        def loss_and_grads(inputs, targets, mask, segment_ids=None):
             params = model.trainable_parameters()
 
             def f(p):
                 model.update(cast_params(p, dtype))
-                return loss_fn(model, inputs, targets, mask)
+                return loss_fn(model, inputs, targets, mask, segment_ids)
             (loss, ntoks), grads = mx.value_and_grad(f)(params)
             model.update(params)
             return loss, ntoks, grads
 
-        def fused_step(inputs, targets, mask):
-            loss, ntoks, grads = loss_and_grads(inputs, targets, mask)
+        def fused_step(inputs, targets, mask, segment_ids=None):
+            loss, ntoks, grads = loss_and_grads(inputs, targets, mask, segment_ids)
             if distributed:
                 grads, loss, ntoks = dist.reduce_step(grads, loss, ntoks, group)
             grads, norm = clip_by_global_norm(grads, clip)
@@ -313,10 +317,10 @@ class Trainer:
             optimizer.update(model, grads)
             return norm
 
-        def eval_step(inputs, targets, mask):
+        def eval_step(inputs, targets, mask, segment_ids=None):
             params = model.trainable_parameters()
             model.update(cast_params(params, dtype))
-            loss, ntoks = loss_fn(model, inputs, targets, mask)
+            loss, ntoks = loss_fn(model, inputs, targets, mask, segment_ids)
             model.update(params)
             return loss * ntoks, ntoks
 
@@ -327,16 +331,23 @@ class Trainer:
         else:
             self._fused, self._micro, self._apply, self._eval = fused_step, loss_and_grads, apply_step, eval_step
 
+    def _arrays(self, b: Batch):
+        """A batch as step inputs; packed rows carry segment ids so documents stay apart."""
+        arrays = (mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
+        if self.cfg.document_resets and getattr(b, "segment_ids", None) is not None:
+            arrays += (mx.array(b.segment_ids),)
+        return arrays
+
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
 
     def step(self, batches: Sequence[Batch]):
-        arrays = [(mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask)) for b in batches]
+        arrays = [self._arrays(b) for b in batches]
         if len(arrays) == 1:
             return self._fused(*arrays[0])
         acc, total, loss_sum = None, None, None
-        for inputs, targets, mask in arrays:
-            loss, ntoks, grads = self._micro(inputs, targets, mask)
+        for micro in arrays:
+            loss, ntoks, grads = self._micro(*micro)
             grads = tree_map(lambda g: g * ntoks, grads)
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             total = ntoks if total is None else total + ntoks
@@ -364,7 +375,7 @@ class Trainer:
                 if b.inputs.shape[0] == 0:   # this rank's share of a short last batch
                     continue
                 t = time.perf_counter()
-                s, n = self._eval(mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
+                s, n = self._eval(*self._arrays(b))
                 mx.eval(s, n)
                 total_loss += s.item()
                 total_n += int(n.item())
@@ -960,6 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES), help="compute dtype")
     o.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
     o.add_argument("--no-compile", action="store_true", help="do not mx.compile the train step")
+    o.add_argument("--no-document-resets", action="store_true",
+                   help="let packed documents see each other (faster: keeps the CEMA kernel path)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--time-budget-s", type=float, default=None, help="stop training cleanly after this long")
     r = p.add_argument_group("output")
@@ -983,7 +996,7 @@ def config_from_args(a, seq_len: int) -> TrainConfig:
                        learning_rate=a.learning_rate, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
                        beta1=a.beta1, beta2=a.beta2, eps=a.adam_eps, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, compute_dtype=a.dtype, grad_checkpoint=a.grad_checkpoint,
-                       compile=not a.no_compile, val_every=a.val_every, val_batches=a.val_batches,
+                       compile=not a.no_compile, document_resets=not a.no_document_resets, val_every=a.val_every, val_batches=a.val_batches,
                        keep_best=a.keep_best, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
                        report_every=a.report_every, seed=a.seed, time_budget_s=a.time_budget_s)
 
