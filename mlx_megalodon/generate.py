@@ -4,6 +4,7 @@ Mirrors mlx-lm's ``generate`` / ``stream_generate`` API and report lines.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -311,7 +312,7 @@ def report(r: GenerationResponse, file=sys.stderr) -> None:
 
 
 # ----------------------------------------------------------------------------- command line
-class _OneLineParser(__import__("argparse").ArgumentParser):
+class _OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are a single line (no usage dump), exit status 2."""
 
     def error(self, message):
@@ -323,9 +324,9 @@ def _positive_int(text):
     try:
         value = int(text)
     except ValueError:
-        raise __import__("argparse").ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     if value <= 0:
-        raise __import__("argparse").ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -333,7 +334,7 @@ def _context(text):
     try:
         return parse_context_length(text)
     except ValueError as e:
-        raise __import__("argparse").ArgumentTypeError(str(e))
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def build_parser():
