@@ -40,7 +40,9 @@ class MegaBlock(nn.Module):
         self.nffn = NormalizedFeedForwardNetwork(args, layer_id)
 
     def __call__(self, x: mx.array, cache: Optional[MegalodonCache] = None,
-                 doc_starts: Optional[mx.array] = None) -> mx.array:
+                 doc_starts: Optional[mx.array] = None, exchange=None) -> mx.array:
+        if exchange is not None:
+            return self.nffn(self.mega(x, exchange=exchange), x)
         if doc_starts is None:
             return self.nffn(self.mega(x, cache), x)
         return self.nffn(self.mega(x, cache, doc_starts=doc_starts), x)
@@ -54,8 +56,11 @@ class MegaOutputLayer(nn.Module):
             self.output = nn.Linear(args.model_dim, args.output_dim, bias=False)
 
     def __call__(self, x, embed: nn.Embedding, cache: Optional[TimestepNormCache] = None, last_only=False,
-                 doc_starts: Optional[mx.array] = None):
-        x, state = self.final_norm(x, None if cache is None else cache.norm, doc_starts)
+                 doc_starts: Optional[mx.array] = None, exchange=None):
+        state = None if cache is None else cache.norm
+        if exchange is not None:
+            state = exchange.norm_state(self.final_norm, x)
+        x, state = self.final_norm(x, state, doc_starts)
         if cache is not None:
             cache.norm = state
             cache.offset += x.shape[1]
@@ -75,7 +80,7 @@ class Model(nn.Module):
         self._compiled_step = None
 
     def __call__(self, inputs: mx.array, cache: Optional[List] = None, *, last_only: bool = False,
-                 segment_ids: Optional[mx.array] = None) -> mx.array:
+                 segment_ids: Optional[mx.array] = None, exchange=None) -> mx.array:
         """inputs: B x L token ids -> B x L x vocab logits (float32); B x 1 x vocab with
         ``last_only`` (prompt ingestion needs only the next-token distribution).
 
@@ -83,7 +88,19 @@ class Model(nn.Module):
         documents, numbered along each row (non-decreasing; a change from t-1 to t starts a document
         at t, and t = 0 always starts one). Every document is then processed exactly as if it were
         its own sequence: CEMA and TimestepNorm restart, chunks and RoPE positions count from the
-        document's start, attention stays inside it. All zeros gives the plain call's result."""
+        document's start, attention stays inside it. All zeros gives the plain call's result.
+
+        ``exchange`` (full forward only): ``inputs`` is this rank's span of a sequence split over
+        ranks (see ``chunk_parallel.chunk_parallel_logits``)."""
+        if exchange is not None:
+            if cache is not None or segment_ids is not None or last_only:
+                raise ValueError("exchange (chunk-parallel spans) takes no cache, segment_ids or last_only")
+            h = self.embed(inputs)
+            if self.args.scale_emb:
+                h = h * math.sqrt(self.args.model_dim)
+            for layer in self.layers:
+                h = layer(h, exchange=exchange)
+            return self.output(h, self.embed, exchange=exchange).astype(mx.float32)
         if inputs.ndim != 2:
             raise ValueError(f"inputs must be a 2-D array of token ids (batch x length), got shape {inputs.shape}")
         doc_starts = None

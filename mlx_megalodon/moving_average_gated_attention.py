@@ -158,10 +158,14 @@ class MovingAverageGatedAttention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=visible)
         return out, keys, values
 
-    def _gates(self, x, norm_state, cema_state, need_state, doc_starts=None):
+    def _gates(self, x, norm_state, cema_state, need_state, doc_starts=None, exchange=None):
         B, L, _ = x.shape
         dtype = x.dtype
+        if exchange is not None:   # span of a sequence split over ranks: incoming states from the others
+            norm_state = exchange.norm_state(self.timenorm, x)
         xn, norm_state = self.timenorm(x, norm_state, doc_starts)
+        if exchange is not None:
+            cema_state = exchange.cema_state(self.cema, xn)
         c, cema_state = self.cema(xn, cema_state, return_state=need_state, doc_starts=doc_starts)
         mx_ = self.rmsnorm(c.astype(dtype))
         z = self.wz(mx_).reshape(B, L, self.num_heads, self.z_head_dim)
@@ -180,9 +184,18 @@ class MovingAverageGatedAttention(nn.Module):
         return self.wh1(mx_) + self.wh2(attn * r) + x
 
     def __call__(self, x: mx.array, cache: Optional[MegalodonCache] = None,
-                 doc_starts: Optional[mx.array] = None) -> mx.array:
+                 doc_starts: Optional[mx.array] = None, exchange=None) -> mx.array:
         """``doc_starts`` (B x L ints, the index of each token's document start; full forward only):
-        packed documents, each processed as if it were its own sequence."""
+        packed documents, each processed as if it were its own sequence.
+
+        ``exchange`` (full forward only; see ``chunk_parallel.SpanExchange``): x is one rank's span
+        of a longer sequence; the TimestepNorm and CEMA states entering the span are obtained from
+        ``exchange.norm_state(timenorm, x)`` and ``exchange.cema_state(cema, xn)``."""
+        if exchange is not None:
+            if cache is not None or doc_starts is not None:
+                raise ValueError("exchange (chunk-parallel spans) takes neither a cache nor doc_starts")
+            (q, k, v), r, mx_, _, _ = self._gates(x, None, None, False, exchange=exchange)
+            return self._output(x, chunk_attention(q, k, v, self.chunk_size, self._periods)[0], r, mx_)
         if doc_starts is not None:
             if cache is not None:
                 raise ValueError("packed documents (doc_starts) are for full forward passes, not with a cache")
