@@ -7,7 +7,7 @@ can be written to and read from safetensors.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import mlx.core as mx
 
@@ -21,12 +21,9 @@ class TimestepNormCache:
         self.norm: Optional[TimestepNormState] = None
         self.offset = 0
 
-    def _arrays(self) -> List[Optional[mx.array]]:
-        return list(self.norm) if self.norm is not None else [None, None, None]
-
     @property
     def state(self):
-        return [a for a in self._arrays() if a is not None]
+        return [] if self.norm is None else list(self.norm)
 
     @state.setter
     def state(self, arrays):
@@ -47,9 +44,6 @@ class TimestepNormCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
 
-    def empty(self) -> bool:
-        return self.norm is None
-
 
 class MegalodonCache(TimestepNormCache):
     """One layer's state: TimestepNorm statistics, CEMA state (re, im) and current-chunk K/V.
@@ -69,23 +63,24 @@ class MegalodonCache(TimestepNormCache):
     def chunk_fill(self) -> int:
         return self.offset % self.chunk_size
 
-    def write_chunk(self, keys: mx.array, values: mx.array, start: int, chunk_size: int) -> None:
+    def ensure_buffers(self, batch: int, heads: int, key_dim: int, value_dim: int, dtype: mx.Dtype) -> None:
+        """Make keys/values chunk-long buffers, keeping the rows they hold (a cache read back
+        from a file stores only its filled rows)."""
+        def fit(buffer, dim):
+            if buffer is not None and buffer.shape[2] == self.chunk_size:
+                return buffer
+            out = mx.zeros((batch, heads, self.chunk_size, dim), dtype=dtype)
+            if buffer is not None:
+                out[:, :, :buffer.shape[2]] = buffer.astype(dtype)
+            return out
+        self.keys, self.values = fit(self.keys, key_dim), fit(self.values, value_dim)
+
+    def write_chunk(self, keys: mx.array, values: mx.array, start: int) -> None:
         """Store rows [start, start + n) of the current chunk."""
-        n = keys.shape[2]
-        if self.keys is None or self.keys.shape[2] != chunk_size:
-            self.keys = self._fit(self.keys, keys, chunk_size)
-            self.values = self._fit(self.values, values, chunk_size)
+        B, H, n, key_dim = keys.shape
+        self.ensure_buffers(B, H, key_dim, values.shape[-1], keys.dtype)
         self.keys[:, :, start:start + n] = keys
         self.values[:, :, start:start + n] = values
-
-    @staticmethod
-    def _fit(buffer, like, chunk_size):
-        """A chunk-long buffer holding what ``buffer`` held (a cache read back from a file stores
-        only its filled rows)."""
-        out = mx.zeros((*like.shape[:2], chunk_size, like.shape[-1]), dtype=like.dtype)
-        if buffer is not None:
-            out[:, :, :buffer.shape[2]] = buffer.astype(like.dtype)
-        return out
 
     @property
     def state(self):

@@ -149,6 +149,7 @@ class Model(nn.Module):
 
     def _decode(self, inputs, cache):
         B = inputs.shape[0]
+        h = self.embed(inputs)        # its dtype is the compute dtype, whatever the quantization
         states = []
         for layer, c in zip(self.layers, cache[:-1]):
             m = layer.mega
@@ -156,11 +157,7 @@ class Model(nn.Module):
                 c.norm = m.timenorm.initial_state(B)
                 zeros = mx.zeros((B, self.args.model_dim, self.args.cema_ndim), dtype=mx.float32)
                 c.cema = (zeros, zeros)
-            if c.keys is None or c.keys.shape[2] != self.args.chunk_size:
-                dtype = self.embed(mx.zeros((1, 1), dtype=mx.int32)).dtype   # the compute dtype
-                c.keys = c._fit(c.keys, mx.zeros((B, m.num_heads, 1, m.z_head_dim), dtype), self.args.chunk_size)
-                c.values = c._fit(c.values, mx.zeros((B, m.num_heads, 1, m.v_head_dim), dtype),
-                                  self.args.chunk_size)
+            c.ensure_buffers(B, m.num_heads, m.z_head_dim, m.v_head_dim, h.dtype)
             states += [*c.norm, *c.cema, c.keys, c.values]
         final = cache[-1]
         if final.norm is None:

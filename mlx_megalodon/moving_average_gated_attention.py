@@ -130,13 +130,13 @@ class MovingAverageGatedAttention(nn.Module):
             out, k_rot = chunk_attention(q, k, v, C, self._periods)
             keep = L % C
             if keep:
-                cache.write_chunk(k_rot[:, :, L - keep:], v[:, :, L - keep:], 0, C)
+                cache.write_chunk(k_rot[:, :, L - keep:], v[:, :, L - keep:], 0)
             return out
         # First finish the chunk in progress against its cached keys/values ...
         n = min(L, C - fill)
         q1 = apply_rope(q[:, :, :n], self._periods, offset=fill)
         k1 = apply_rope(k[:, :, :n], self._periods, offset=fill)
-        cache.write_chunk(k1, v[:, :, :n], fill, C)
+        cache.write_chunk(k1, v[:, :, :n], fill)
         keys, values = cache.keys[:, :, :fill + n], cache.values[:, :, :fill + n]
         out = mx.fast.scaled_dot_product_attention(q1, keys, values, scale=1.0, mask="causal" if n > 1 else None)
         if n == L:
