@@ -1,6 +1,7 @@
 """CEMA scan: fused custom kernel vs the FFT ops path (and torch_ref's CEMA on CUDA, if present).
 
     python benchmarks/kernels.py [--quick] [--out DIR] [--budget SECONDS]
+    python benchmarks/kernels.py --only attention [--out DIR] [--budget SECONDS]   (chunk attention)
 
 Batch 1, N = 16, float32 x. For each (D, L): median time per call of the forward (and, for some
 sizes, forward+backward through mx.grad), and the achieved bandwidth counting only the bytes a
@@ -207,7 +208,13 @@ def main():
                     help="all: each phase in its own process (an out-of-memory in the FFT path can "
                          "leave the CUDA context unusable)")
     ap.add_argument("--cpu-emulation", action="store_true", help="smoke-test this script without a GPU")
+    ap.add_argument("--only", choices=("cema", "attention"), default="cema",
+                    help="attention: chunk attention kernels vs SDPA instead (benchmarks/attention_kernels.py)")
     args = ap.parse_args()
+    if args.only == "attention":
+        import attention_kernels as attention_bench  # benchmarks/attention_kernels.py
+        return attention_bench.main(["--out", args.out, "--budget", str(args.budget)]
+                                    + (["--cpu-emulation"] if args.cpu_emulation else []))
     out = Path(args.out)
     if args.phase == "all":
         import subprocess

@@ -5,6 +5,9 @@ typedef unsigned long long mgk_idx;  // 64-bit element index
 #define MGK_EXP(v) expf(v)
 #define MGK_COS(v) cosf(v)
 #define MGK_SIN(v) sinf(v)
+#define MGK_LOG(v) logf(v)
+// Before a loop over a per-thread array: fully unrolled, so the array stays in registers.
+#define MGK_UNROLL_ALL _Pragma("unroll")
 
 __device__ __forceinline__ float mgk_load(float v) { return v; }
 __device__ __forceinline__ float mgk_load(__half v) { return __half2float(v); }

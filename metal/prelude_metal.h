@@ -8,6 +8,9 @@ typedef size_t mgk_idx;  // 64-bit element index
 #define MGK_EXP(v) metal::exp(v)
 #define MGK_COS(v) metal::cos(v)
 #define MGK_SIN(v) metal::sin(v)
+#define MGK_LOG(v) metal::log(v)
+// Before a loop over a per-thread array: fully unrolled, so the array stays in registers.
+#define MGK_UNROLL_ALL _Pragma("unroll")
 
 template <typename U>
 inline float mgk_load(U v) {

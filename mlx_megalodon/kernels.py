@@ -84,6 +84,17 @@ KERNELS: Dict[str, Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...
     ),
 }
 
+# Kernels of other bodies, registered by their modules (attention_kernels.py):
+# name -> (body file, (inputs, outputs, template parameters)).
+OTHER_KERNELS: Dict[str, Tuple[str, tuple]] = {}
+
+
+def _body_and_signature(kernel: str) -> Tuple[str, tuple]:
+    if kernel in KERNELS:
+        return "cema_scan.body", KERNELS[kernel]
+    return OTHER_KERNELS[kernel]
+
+
 _MARK = re.compile(r"^//@ (header|entry|kernel (\w+))\s*$", re.M)
 
 
@@ -107,16 +118,16 @@ def _read(name: str) -> str:
 def assemble(backend: str, kernel: str) -> Tuple[str, str]:
     """(header, body source) of one kernel for `backend` in {"metal", "cuda", "cpu"}."""
     prelude = _sections(_read(f"prelude_{backend}.h"))
-    body = _sections(_read("cema_scan.body"))
+    body = _sections(_read(OTHER_KERNELS[kernel][0] if kernel in OTHER_KERNELS else "cema_scan.body"))
     if kernel not in body:
         raise KeyError(kernel)
     header = prelude[""].rstrip("\n") + "\n\n" + body["header"]
     return header, prelude["entry"] + body[kernel]
 
 
-def _source_tag() -> str:
+def _source_tag(body: str = "cema_scan.body") -> str:
     h = hashlib.sha1()
-    for f in ("cema_scan.body", "prelude_metal.h", "prelude_cuda.h", "prelude_cpu.h"):
+    for f in (body, "prelude_metal.h", "prelude_cuda.h", "prelude_cpu.h"):
         h.update(_read(f).encode())
     return h.hexdigest()[:10]
 
@@ -222,6 +233,8 @@ def write_generated(directory: Optional[Path] = None) -> List[Path]:
         path = directory / fname
         path.write_text(text)
         out.append(path)
+    from . import attention_kernels  # the other bodies' generated files
+    out += attention_kernels.write_generated(directory)
     return out
 
 
@@ -262,8 +275,8 @@ class GpuLauncher:
         k = self._kernels.get(name)
         if k is None:
             header, src = assemble(self.backend, name)
-            ins, outs, _ = KERNELS[name]
-            kname = f"mgk_{name}_{_source_tag()}"  # source hash in the name: no stale JIT cache
+            body_file, (ins, outs, _) = _body_and_signature(name)
+            kname = f"mgk_{name}_{_source_tag(body_file)}"  # source hash in the name: no stale JIT cache
             if self.backend == "cuda":
                 k = mx.fast.cuda_kernel(name=kname, input_names=[a for a, _ in ins],
                                         output_names=[a for a, _ in outs], source=src, header=header)

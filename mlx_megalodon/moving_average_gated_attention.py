@@ -7,6 +7,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import attention_kernels
 from .cache import MegalodonCache
 from .complex_exponential_moving_average import MultiHeadComplexEMA
 from .config import ModelArgs
@@ -21,8 +22,14 @@ def chunk_attention(q, k, v, chunk_size: int, periods: mx.array):
     q, k: B x H x L x dz (before RoPE), v: B x H x L x dv. Positions restart at 0 in every chunk;
     softmax(q kᵀ) has no 1/sqrt(d) scale (q and k are already normalized and scaled).
     Returns (output B x H x L x dv, rotated k).
+
+    Runs on the fused kernel (attention_kernels) where ``attention_kernel_wanted`` says it beats
+    SDPA, else on ``mx.fast.scaled_dot_product_attention`` over the reshaped chunks.
     """
     B, H, L, _ = q.shape
+    if attention_kernel_wanted("chunk", q.shape, v.shape[-1], chunk_size, q.dtype):
+        q, k = rope_in_chunks(q, chunk_size, periods), rope_in_chunks(k, chunk_size, periods)
+        return attention_kernels.chunk_attention_kernel(q, k, v, chunk_size), k
     if L <= chunk_size:
         q, k = apply_rope(q, periods), apply_rope(k, periods)
         mask = "causal" if L > 1 else None
@@ -43,6 +50,24 @@ def chunk_attention(q, k, v, chunk_size: int, periods: mx.array):
     qc, kc = apply_rope(split(q), periods), apply_rope(split(k), periods)
     out = mx.fast.scaled_dot_product_attention(qc, kc, split(v), scale=1.0, mask="causal")
     return merge(out), merge(kc)
+
+
+def attention_kernel_wanted(kind: str, q_shape, v_dim: int, chunk_size: int, dtype) -> bool:
+    """The one switch between the attention kernels and SDPA (policy in attention_kernels)."""
+    return attention_kernels.attention_kernel_wanted(kind, q_shape, v_dim, chunk_size, dtype)
+
+
+def rope_in_chunks(x: mx.array, chunk_size: int, periods: mx.array) -> mx.array:
+    """RoPE with positions restarting at 0 in every chunk: x B x H x L x d, same shape back."""
+    B, H, L, d = x.shape
+    if L <= chunk_size:
+        return apply_rope(x, periods)
+    nc = -(-L // chunk_size)
+    pad = nc * chunk_size - L
+    if pad:
+        x = mx.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)])
+    x = apply_rope(x.reshape(B, H, nc, chunk_size, d), periods).reshape(B, H, nc * chunk_size, d)
+    return x[:, :, :L] if pad else x
 
 
 def rope_at(x: mx.array, periods: mx.array, positions: mx.array) -> mx.array:
@@ -154,6 +179,8 @@ class MovingAverageGatedAttention(nn.Module):
         k = apply_rope(k, self._periods, offset=pos)
         slot = (mx.arange(self.chunk_size) == pos)[:, None]
         keys, values = mx.where(slot, k, keys), mx.where(slot, v, values)
+        if attention_kernel_wanted("decode", q.shape, values.shape[-1], self.chunk_size, q.dtype):
+            return attention_kernels.decode_attention_kernel(q, keys, values, pos), keys, values
         visible = mx.arange(self.chunk_size) <= pos
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=visible)
         return out, keys, values
