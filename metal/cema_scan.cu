@@ -81,16 +81,17 @@ MGK_FN MgkC mgk_polar(float log_mag, float phase) {
 namespace mlx::core::cu {
 
 // ---- kernel cema_fwd_local
-template <typename T, int NPT, int NSPLIT>
+template <typename T, int NPT, int NSPLIT, int RESET>
 __global__ void cema_fwd_local(
     const T* x,
     const float* p,
     const float* log_mag,
     const float* phase,
+    const int* starts,
     const int* params,
     float* loc) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
-// inputs: x (T, B x L x D), p, log_mag, phase (D x N), params
+// inputs: x (T, B x L x D), p, log_mag, phase (D x N), starts (B x L), params
 // output: loc (B x (NC-1) x 2 x N x D): p * end state of chunk c from a zero start
 const int N = NPT * NSPLIT;
 const int B = params[0];
@@ -122,13 +123,23 @@ for (int k = 0; k < NPT; ++k) {
   hi[k] = 0.0f;
 }
 const mgk_idx base = ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C) * (mgk_idx)D + (mgk_idx)d;
+const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C;  // starts of the chunk's steps
+const int t0 = c * C;
 int j = 0;
 for (; j + MGK_UNROLL <= C; j += MGK_UNROLL) {
   float xs[MGK_UNROLL];
+  bool cut[MGK_UNROLL];
   for (int u = 0; u < MGK_UNROLL; ++u) {
     xs[u] = mgk_load(x[base + (mgk_idx)(j + u) * (mgk_idx)D]);
+    cut[u] = RESET != 0 && starts[sb + (mgk_idx)(j + u)] == t0 + j + u;
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
+    if (RESET != 0 && cut[u]) {
+      for (int k = 0; k < NPT; ++k) {
+        hr[k] = 0.0f;
+        hi[k] = 0.0f;
+      }
+    }
     for (int k = 0; k < NPT; ++k) {
       const float r = qr[k] * hr[k] - qi[k] * hi[k] + xs[u];
       hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
@@ -138,6 +149,12 @@ for (; j + MGK_UNROLL <= C; j += MGK_UNROLL) {
 }
 for (; j < C; ++j) {
   const float xv = mgk_load(x[base + (mgk_idx)j * (mgk_idx)D]);
+  if (RESET != 0 && starts[sb + (mgk_idx)j] == t0 + j) {
+    for (int k = 0; k < NPT; ++k) {
+      hr[k] = 0.0f;
+      hi[k] = 0.0f;
+    }
+  }
   for (int k = 0; k < NPT; ++k) {
     const float r = qr[k] * hr[k] - qi[k] * hi[k] + xv;
     hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
@@ -152,26 +169,31 @@ for (int k = 0; k < NPT; ++k) {
   loc[(ob + (mgk_idx)(N + n)) * (mgk_idx)D + (mgk_idx)d] = pn * hi[k];
 }
 }
-template __global__ void cema_fwd_local<float, 16, 1>(const float*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_fwd_local<float, 4, 4>(const float*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_fwd_local<__nv_bfloat16, 8, 2>(const __nv_bfloat16*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_fwd_local<__half, 4, 4>(const __half*, const float*, const float*, const float*, const int*, float*);
+template __global__ void cema_fwd_local<float, 16, 1, 0>(const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_local<float, 4, 4, 0>(const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_local<__nv_bfloat16, 8, 2, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_local<__half, 4, 4, 0>(const __half*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_local<float, 16, 1, 1>(const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_local<__nv_bfloat16, 8, 2, 1>(const __nv_bfloat16*, const float*, const float*, const float*, const int*, const int*, float*);
 
 // ---- kernel cema_fwd_combine
-template <int NPT, int NSPLIT>
+template <int NPT, int NSPLIT, int RESET>
 __global__ void cema_fwd_combine(
     const float* loc,
     const float* h0_re,
     const float* h0_im,
     const float* log_mag,
     const float* phase,
+    const int* starts,
     const int* params,
     float* h_in) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
-// inputs: loc (B x (NC-1) x 2 x N x D), h0_re, h0_im (B x D x N), log_mag, phase (D x N), params
+// inputs: loc (B x (NC-1) x 2 x N x D), h0_re, h0_im (B x D x N), log_mag, phase (D x N),
+//         starts (B x L), params
 // output: h_in (B x (NC-1) x 2 x N x D): the state entering chunk c = 1..NC-1 (stored at c-1)
 const int N = NPT * NSPLIT;
 const int B = params[0];
+const int L = params[1];
 const int D = params[2];
 const int C = params[3];
 const int NC = params[4];
@@ -190,19 +212,27 @@ h.r = h0_re[si];
 h.i = h0_im[si];
 for (int c = 0; c + 1 < NC; ++c) {
   const mgk_idx ob = (mgk_idx)(b * (NC - 1) + c) * (mgk_idx)(2 * N);
-  const MgkC hq = mgk_cmul(qc, h);
+  // Chunk c (C steps, never the last) drops its incoming state if a document starts inside it.
+  const bool cut = RESET != 0 && starts[(mgk_idx)b * (mgk_idx)L + (mgk_idx)((c + 1) * C - 1)] >= c * C;
+  MgkC hq = mgk_cmul(qc, h);
+  if (cut) {
+    hq.r = 0.0f;
+    hq.i = 0.0f;
+  }
   h.r = hq.r + loc[(ob + (mgk_idx)n) * (mgk_idx)D + (mgk_idx)d];
   h.i = hq.i + loc[(ob + (mgk_idx)(N + n)) * (mgk_idx)D + (mgk_idx)d];
   h_in[(ob + (mgk_idx)n) * (mgk_idx)D + (mgk_idx)d] = h.r;
   h_in[(ob + (mgk_idx)(N + n)) * (mgk_idx)D + (mgk_idx)d] = h.i;
 }
 }
-template __global__ void cema_fwd_combine<16, 1>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_fwd_combine<4, 4>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_fwd_combine<8, 2>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
+template __global__ void cema_fwd_combine<16, 1, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_combine<4, 4, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_combine<8, 2, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_combine<16, 1, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_fwd_combine<8, 2, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
 
 // ---- kernel cema_fwd_final
-template <typename T, int NPT, int NSPLIT>
+template <typename T, int NPT, int NSPLIT, int RESET>
 __global__ void cema_fwd_final(
     const T* x,
     const float* p,
@@ -214,13 +244,15 @@ __global__ void cema_fwd_final(
     const float* h0_re,
     const float* h0_im,
     const float* h_in,
+    const int* starts,
     const int* params,
     float* y,
     float* h_out_re,
     float* h_out_im) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
 // inputs: x (T, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N), omega (D),
-//         h0_re, h0_im (B x D x N), h_in (B x (NC-1) x 2 x N x D; chunk 0 starts from h0), params
+//         h0_re, h0_im (B x D x N), h_in (B x (NC-1) x 2 x N x D; chunk 0 starts from h0),
+//         starts (B x L), params
 // outputs: y (float32, B x L x D), h_out_re, h_out_im (B x D x N)
 const int N = NPT * NSPLIT;
 const int B = params[0];
@@ -268,13 +300,23 @@ for (int k = 0; k < NPT; ++k) {
 }
 const float om = omega[d];
 const mgk_idx base = ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C) * (mgk_idx)D + (mgk_idx)d;
+const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C;  // starts of the chunk's steps
+const int t0 = c * C;
 int j = 0;
 for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
   float xs[MGK_UNROLL];
+  bool cut[MGK_UNROLL];
   for (int u = 0; u < MGK_UNROLL; ++u) {
     xs[u] = mgk_load(x[base + (mgk_idx)(j + u) * (mgk_idx)D]);
+    cut[u] = RESET != 0 && starts[sb + (mgk_idx)(j + u)] == t0 + j + u;
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
+    if (RESET != 0 && cut[u]) {
+      for (int k = 0; k < NPT; ++k) {
+        hr[k] = 0.0f;
+        hi[k] = 0.0f;
+      }
+    }
     float acc = 0.0f;
     for (int k = 0; k < NPT; ++k) {
       const float r = qr[k] * hr[k] - qi[k] * hi[k] + pp[k] * xs[u];
@@ -290,6 +332,12 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
 }
 for (; j < len; ++j) {
   const float xv = mgk_load(x[base + (mgk_idx)j * (mgk_idx)D]);
+  if (RESET != 0 && starts[sb + (mgk_idx)j] == t0 + j) {
+    for (int k = 0; k < NPT; ++k) {
+      hr[k] = 0.0f;
+      hi[k] = 0.0f;
+    }
+  }
   float acc = 0.0f;
   for (int k = 0; k < NPT; ++k) {
     const float r = qr[k] * hr[k] - qi[k] * hi[k] + pp[k] * xv;
@@ -310,23 +358,26 @@ if (c == NC - 1) {
   }
 }
 }
-template __global__ void cema_fwd_final<float, 16, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<float, 4, 4>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<__nv_bfloat16, 8, 2>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<__half, 4, 4>(const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<float, 16, 1, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<float, 4, 4, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<__nv_bfloat16, 8, 2, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<__half, 4, 4, 0>(const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<float, 16, 1, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<__nv_bfloat16, 8, 2, 1>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
 
 // ---- kernel cema_bwd_local
-template <int NPT, int NSPLIT>
+template <int NPT, int NSPLIT, int RESET>
 __global__ void cema_bwd_local(
     const float* gy,
     const float* log_mag,
     const float* phase,
     const float* gamma_re,
     const float* gamma_im,
+    const int* starts,
     const int* params,
     float* loc) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
-// inputs: gy (float32, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), params
+// inputs: gy (float32, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), starts (B x L), params
 // output: loc (B x (NC-1) x 6 x N x D): (A, K, V) leaving the start of chunk c = 1..NC-1
 //         (stored at c-1) when the carries entering its end are zero
 const int N = NPT * NSPLIT;
@@ -365,14 +416,18 @@ for (int k = 0; k < NPT; ++k) {
   kr[k] = 0.0f;
   ki[k] = 0.0f;
 }
-// Walk t = start + len - 1 down to start; `base` addresses t = start + len - 1.
+// Walk t = start + len - 1 down to start; `base` (and `sb` in starts) address t = start + len - 1.
 const mgk_idx base =
     ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1)) * (mgk_idx)D + (mgk_idx)d;
+const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1);
+const int tl = c * C + len - 1;
 int j = 0;
 for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
   float gs[MGK_UNROLL];
+  bool cut[MGK_UNROLL];
   for (int u = 0; u < MGK_UNROLL; ++u) {
     gs[u] = gy[base - (mgk_idx)(j + u) * (mgk_idx)D];
+    cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
     for (int k = 0; k < NPT; ++k) {
@@ -384,6 +439,14 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
       kr[k] = kr2;
       vr[k] = qr[k] * nr + qi[k] * ni;
       vi[k] = qr[k] * ni - qi[k] * nr;
+    }
+    if (RESET != 0 && cut[u]) {  // t is a document start: nothing flows on to t-1
+      for (int k = 0; k < NPT; ++k) {
+        kr[k] = 0.0f;
+        ki[k] = 0.0f;
+        vr[k] = 0.0f;
+        vi[k] = 0.0f;
+      }
     }
   }
 }
@@ -397,6 +460,14 @@ for (; j < len; ++j) {
     kr[k] = kr2;
     vr[k] = qr[k] * nr + qi[k] * ni;
     vi[k] = qr[k] * ni - qi[k] * nr;
+  }
+  if (RESET != 0 && starts[sb - (mgk_idx)j] == tl - j) {
+    for (int k = 0; k < NPT; ++k) {
+      kr[k] = 0.0f;
+      ki[k] = 0.0f;
+      vr[k] = 0.0f;
+      vi[k] = 0.0f;
+    }
   }
 }
 const mgk_idx ob = (mgk_idx)(b * NCm1 + (c - 1)) * (mgk_idx)(6 * N);
@@ -412,26 +483,31 @@ for (int k = 0; k < NPT; ++k) {
   loc[(ob + (mgk_idx)(5 * N + n)) * (mgk_idx)D + (mgk_idx)d] = vi[k];
 }
 }
-template __global__ void cema_bwd_local<16, 1>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_bwd_local<4, 4>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_bwd_local<8, 2>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
+template __global__ void cema_bwd_local<16, 1, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<4, 4, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<8, 2, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<16, 1, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<8, 2, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
 
 // ---- kernel cema_bwd_combine
-template <int NPT, int NSPLIT>
+template <int NPT, int NSPLIT, int RESET>
 __global__ void cema_bwd_combine(
     const float* loc,
     const float* ghT_re,
     const float* ghT_im,
     const float* log_mag,
     const float* phase,
+    const int* starts,
     const int* params,
     float* carry) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
-// inputs: loc (B x (NC-1) x 6 x N x D), ghT_re, ghT_im (B x D x N), log_mag, phase (D x N), params
+// inputs: loc (B x (NC-1) x 6 x N x D), ghT_re, ghT_im (B x D x N), log_mag, phase (D x N),
+//         starts (B x L), params
 // output: carry (B x (NC-1) x 6 x N x D): (A, K, V) entering the end of chunk c = 0..NC-2 (the
 //         last chunk's is (ghT, 0, 0))
 const int N = NPT * NSPLIT;
 const int B = params[0];
+const int L = params[1];
 const int D = params[2];
 const int C = params[3];
 const int NC = params[4];
@@ -473,8 +549,18 @@ for (int c = NC - 1; c >= 0; --c) {
     const bool last = (c == NC - 1);
     const MgkC pw = last ? ql : qc;
     const MgkC pw1 = last ? ql1 : qc1;
-    const float cnt = (float)(last ? LAST : C);
+    const int clen = last ? LAST : C;
+    const float cnt = (float)clen;
     const mgk_idx lb = (mgk_idx)(b * (NC - 1) + (c - 1)) * (mgk_idx)(6 * N);
+    // A document starting inside chunk c stops the carries entering its end.
+    if (RESET != 0 && starts[(mgk_idx)b * (mgk_idx)L + (mgk_idx)(c * C + clen - 1)] >= c * C) {
+      A.r = 0.0f;
+      A.i = 0.0f;
+      K.r = 0.0f;
+      K.i = 0.0f;
+      V.r = 0.0f;
+      V.i = 0.0f;
+    }
     const MgkC a2 = mgk_cmul(pw, A);
     const MgkC k2 = mgk_cmul(pw, K);
     const MgkC ka = mgk_cmul(pw1, A);
@@ -488,12 +574,14 @@ for (int c = NC - 1; c >= 0; --c) {
   }
 }
 }
-template __global__ void cema_bwd_combine<16, 1>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_bwd_combine<4, 4>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
-template __global__ void cema_bwd_combine<8, 2>(const float*, const float*, const float*, const float*, const float*, const int*, float*);
+template __global__ void cema_bwd_combine<16, 1, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_combine<4, 4, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_combine<8, 2, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_combine<16, 1, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_combine<8, 2, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
 
 // ---- kernel cema_bwd_final
-template <typename T, int NPT, int NSPLIT>
+template <typename T, int NPT, int NSPLIT, int RESET>
 __global__ void cema_bwd_final(
     const T* x,
     const float* gy,
@@ -508,6 +596,7 @@ __global__ void cema_bwd_final(
     const float* ghT_re,
     const float* ghT_im,
     const float* carry,
+    const int* starts,
     const int* params,
     T* gx,
     float* part,
@@ -516,7 +605,8 @@ __global__ void cema_bwd_final(
     float* gh0_im) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
 // inputs: x (T, B x L x D), gy (float32, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N),
-//         omega (D), h0_re, h0_im, ghT_re, ghT_im (B x D x N), carry (B x (NC-1) x 6 x N x D), params
+//         omega (D), h0_re, h0_im, ghT_re, ghT_im (B x D x N), carry (B x (NC-1) x 6 x N x D),
+//         starts (B x L), params
 // outputs: gx (T, B x L x D), part (B*NC x 5 x N x D: gp, gq re/im, ggamma re/im),
 //          gomega (B*NC x D), gh0_re, gh0_im (B x D x N)
 const int N = NPT * NSPLIT;
@@ -589,13 +679,17 @@ const float om = omega[d];
 float som = 0.0f;
 const mgk_idx base =
     ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1)) * (mgk_idx)D + (mgk_idx)d;
+const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1);
+const int tl = c * C + len - 1;
 int j = 0;
 for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
   float xs[MGK_UNROLL];
   float gs[MGK_UNROLL];
+  bool cut[MGK_UNROLL];
   for (int u = 0; u < MGK_UNROLL; ++u) {
     xs[u] = mgk_load(x[base - (mgk_idx)(j + u) * (mgk_idx)D]);
     gs[u] = gy[base - (mgk_idx)(j + u) * (mgk_idx)D];
+    cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
     const float xv = xs[u];
@@ -619,6 +713,16 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
       ai[k] = qr[k] * mi - qi[k] * mr;
       vr[k] = qr[k] * nr + qi[k] * ni;
       vi[k] = qr[k] * ni - qi[k] * nr;
+    }
+    if (RESET != 0 && cut[u]) {  // t is a document start: nothing flows on to t-1
+      for (int k = 0; k < NPT; ++k) {
+        ar[k] = 0.0f;
+        ai[k] = 0.0f;
+        kr[k] = 0.0f;
+        ki[k] = 0.0f;
+        vr[k] = 0.0f;
+        vi[k] = 0.0f;
+      }
     }
     acc = mgk_group_sum<NSPLIT>(acc);
     som += gv * xv;
@@ -650,6 +754,16 @@ for (; j < len; ++j) {
     vr[k] = qr[k] * nr + qi[k] * ni;
     vi[k] = qr[k] * ni - qi[k] * nr;
   }
+  if (RESET != 0 && starts[sb - (mgk_idx)j] == tl - j) {
+    for (int k = 0; k < NPT; ++k) {
+      ar[k] = 0.0f;
+      ai[k] = 0.0f;
+      kr[k] = 0.0f;
+      ki[k] = 0.0f;
+      vr[k] = 0.0f;
+      vi[k] = 0.0f;
+    }
+  }
   acc = mgk_group_sum<NSPLIT>(acc);
   som += gv * xv;
   if (split == 0) {
@@ -657,6 +771,7 @@ for (; j < len; ++j) {
   }
 }
 // gq = p sum x kappa (+ conj(h0) kappa_{-1} in chunk 0); ggamma = p sum x nu (+ conj(h0) Q nu_0)
+// (with resets, the carries after step 0 already hold r_0: a start at t = 0 cuts h0 off)
 const mgk_idx pb = (mgk_idx)(b * NC + c) * (mgk_idx)(5 * N);
 for (int k = 0; k < NPT; ++k) {
   const int n = split * NPT + k;
@@ -685,9 +800,11 @@ if (split == 0) {
   gomega[(mgk_idx)(b * NC + c) * (mgk_idx)D + (mgk_idx)d] = som;
 }
 }
-template __global__ void cema_bwd_final<float, 16, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, float*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<float, 4, 4>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, float*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<__nv_bfloat16, 8, 2>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<__half, 4, 4>(const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, __half*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, 16, 1, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, 4, 4, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__nv_bfloat16, 8, 2, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__half, 4, 4, 0>(const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __half*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, 16, 1, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__nv_bfloat16, 8, 2, 1>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
 
 }  // namespace mlx::core::cu

@@ -72,17 +72,18 @@ MGK_FN MgkC mgk_polar(float log_mag, float phase) {
 #define MGK_UNROLL 8
 
 // ---- kernel cema_fwd_local
-template <typename T, int NPT, int NSPLIT>
+template <typename T, int NPT, int NSPLIT, int RESET>
 [[kernel]] void cema_fwd_local(
   const device T* x [[buffer(0)]],
   const device float* p [[buffer(1)]],
   const device float* log_mag [[buffer(2)]],
   const device float* phase [[buffer(3)]],
-  const device int* params [[buffer(4)]],
-  device float* loc [[buffer(5)]],
+  const device int* starts [[buffer(4)]],
+  const device int* params [[buffer(5)]],
+  device float* loc [[buffer(6)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const unsigned int tid = thread_position_in_grid.x;
-// inputs: x (T, B x L x D), p, log_mag, phase (D x N), params
+// inputs: x (T, B x L x D), p, log_mag, phase (D x N), starts (B x L), params
 // output: loc (B x (NC-1) x 2 x N x D): p * end state of chunk c from a zero start
 const int N = NPT * NSPLIT;
 const int B = params[0];
@@ -114,13 +115,23 @@ for (int k = 0; k < NPT; ++k) {
   hi[k] = 0.0f;
 }
 const mgk_idx base = ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C) * (mgk_idx)D + (mgk_idx)d;
+const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C;  // starts of the chunk's steps
+const int t0 = c * C;
 int j = 0;
 for (; j + MGK_UNROLL <= C; j += MGK_UNROLL) {
   float xs[MGK_UNROLL];
+  bool cut[MGK_UNROLL];
   for (int u = 0; u < MGK_UNROLL; ++u) {
     xs[u] = mgk_load(x[base + (mgk_idx)(j + u) * (mgk_idx)D]);
+    cut[u] = RESET != 0 && starts[sb + (mgk_idx)(j + u)] == t0 + j + u;
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
+    if (RESET != 0 && cut[u]) {
+      for (int k = 0; k < NPT; ++k) {
+        hr[k] = 0.0f;
+        hi[k] = 0.0f;
+      }
+    }
     for (int k = 0; k < NPT; ++k) {
       const float r = qr[k] * hr[k] - qi[k] * hi[k] + xs[u];
       hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
@@ -130,6 +141,12 @@ for (; j + MGK_UNROLL <= C; j += MGK_UNROLL) {
 }
 for (; j < C; ++j) {
   const float xv = mgk_load(x[base + (mgk_idx)j * (mgk_idx)D]);
+  if (RESET != 0 && starts[sb + (mgk_idx)j] == t0 + j) {
+    for (int k = 0; k < NPT; ++k) {
+      hr[k] = 0.0f;
+      hi[k] = 0.0f;
+    }
+  }
   for (int k = 0; k < NPT; ++k) {
     const float r = qr[k] * hr[k] - qi[k] * hi[k] + xv;
     hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
@@ -144,27 +161,32 @@ for (int k = 0; k < NPT; ++k) {
   loc[(ob + (mgk_idx)(N + n)) * (mgk_idx)D + (mgk_idx)d] = pn * hi[k];
 }
 }
-template [[host_name("cema_fwd_local_float_16_1")]] [[kernel]] decltype(cema_fwd_local<float, 16, 1>) cema_fwd_local<float, 16, 1>;
-template [[host_name("cema_fwd_local_float_4_4")]] [[kernel]] decltype(cema_fwd_local<float, 4, 4>) cema_fwd_local<float, 4, 4>;
-template [[host_name("cema_fwd_local_bfloat16_t_8_2")]] [[kernel]] decltype(cema_fwd_local<bfloat16_t, 8, 2>) cema_fwd_local<bfloat16_t, 8, 2>;
-template [[host_name("cema_fwd_local_half_4_4")]] [[kernel]] decltype(cema_fwd_local<half, 4, 4>) cema_fwd_local<half, 4, 4>;
+template [[host_name("cema_fwd_local_float_16_1_0")]] [[kernel]] decltype(cema_fwd_local<float, 16, 1, 0>) cema_fwd_local<float, 16, 1, 0>;
+template [[host_name("cema_fwd_local_float_4_4_0")]] [[kernel]] decltype(cema_fwd_local<float, 4, 4, 0>) cema_fwd_local<float, 4, 4, 0>;
+template [[host_name("cema_fwd_local_bfloat16_t_8_2_0")]] [[kernel]] decltype(cema_fwd_local<bfloat16_t, 8, 2, 0>) cema_fwd_local<bfloat16_t, 8, 2, 0>;
+template [[host_name("cema_fwd_local_half_4_4_0")]] [[kernel]] decltype(cema_fwd_local<half, 4, 4, 0>) cema_fwd_local<half, 4, 4, 0>;
+template [[host_name("cema_fwd_local_float_16_1_1")]] [[kernel]] decltype(cema_fwd_local<float, 16, 1, 1>) cema_fwd_local<float, 16, 1, 1>;
+template [[host_name("cema_fwd_local_bfloat16_t_8_2_1")]] [[kernel]] decltype(cema_fwd_local<bfloat16_t, 8, 2, 1>) cema_fwd_local<bfloat16_t, 8, 2, 1>;
 
 // ---- kernel cema_fwd_combine
-template <int NPT, int NSPLIT>
+template <int NPT, int NSPLIT, int RESET>
 [[kernel]] void cema_fwd_combine(
   const device float* loc [[buffer(0)]],
   const device float* h0_re [[buffer(1)]],
   const device float* h0_im [[buffer(2)]],
   const device float* log_mag [[buffer(3)]],
   const device float* phase [[buffer(4)]],
-  const device int* params [[buffer(5)]],
-  device float* h_in [[buffer(6)]],
+  const device int* starts [[buffer(5)]],
+  const device int* params [[buffer(6)]],
+  device float* h_in [[buffer(7)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const unsigned int tid = thread_position_in_grid.x;
-// inputs: loc (B x (NC-1) x 2 x N x D), h0_re, h0_im (B x D x N), log_mag, phase (D x N), params
+// inputs: loc (B x (NC-1) x 2 x N x D), h0_re, h0_im (B x D x N), log_mag, phase (D x N),
+//         starts (B x L), params
 // output: h_in (B x (NC-1) x 2 x N x D): the state entering chunk c = 1..NC-1 (stored at c-1)
 const int N = NPT * NSPLIT;
 const int B = params[0];
+const int L = params[1];
 const int D = params[2];
 const int C = params[3];
 const int NC = params[4];
@@ -183,19 +205,27 @@ h.r = h0_re[si];
 h.i = h0_im[si];
 for (int c = 0; c + 1 < NC; ++c) {
   const mgk_idx ob = (mgk_idx)(b * (NC - 1) + c) * (mgk_idx)(2 * N);
-  const MgkC hq = mgk_cmul(qc, h);
+  // Chunk c (C steps, never the last) drops its incoming state if a document starts inside it.
+  const bool cut = RESET != 0 && starts[(mgk_idx)b * (mgk_idx)L + (mgk_idx)((c + 1) * C - 1)] >= c * C;
+  MgkC hq = mgk_cmul(qc, h);
+  if (cut) {
+    hq.r = 0.0f;
+    hq.i = 0.0f;
+  }
   h.r = hq.r + loc[(ob + (mgk_idx)n) * (mgk_idx)D + (mgk_idx)d];
   h.i = hq.i + loc[(ob + (mgk_idx)(N + n)) * (mgk_idx)D + (mgk_idx)d];
   h_in[(ob + (mgk_idx)n) * (mgk_idx)D + (mgk_idx)d] = h.r;
   h_in[(ob + (mgk_idx)(N + n)) * (mgk_idx)D + (mgk_idx)d] = h.i;
 }
 }
-template [[host_name("cema_fwd_combine_16_1")]] [[kernel]] decltype(cema_fwd_combine<16, 1>) cema_fwd_combine<16, 1>;
-template [[host_name("cema_fwd_combine_4_4")]] [[kernel]] decltype(cema_fwd_combine<4, 4>) cema_fwd_combine<4, 4>;
-template [[host_name("cema_fwd_combine_8_2")]] [[kernel]] decltype(cema_fwd_combine<8, 2>) cema_fwd_combine<8, 2>;
+template [[host_name("cema_fwd_combine_16_1_0")]] [[kernel]] decltype(cema_fwd_combine<16, 1, 0>) cema_fwd_combine<16, 1, 0>;
+template [[host_name("cema_fwd_combine_4_4_0")]] [[kernel]] decltype(cema_fwd_combine<4, 4, 0>) cema_fwd_combine<4, 4, 0>;
+template [[host_name("cema_fwd_combine_8_2_0")]] [[kernel]] decltype(cema_fwd_combine<8, 2, 0>) cema_fwd_combine<8, 2, 0>;
+template [[host_name("cema_fwd_combine_16_1_1")]] [[kernel]] decltype(cema_fwd_combine<16, 1, 1>) cema_fwd_combine<16, 1, 1>;
+template [[host_name("cema_fwd_combine_8_2_1")]] [[kernel]] decltype(cema_fwd_combine<8, 2, 1>) cema_fwd_combine<8, 2, 1>;
 
 // ---- kernel cema_fwd_final
-template <typename T, int NPT, int NSPLIT>
+template <typename T, int NPT, int NSPLIT, int RESET>
 [[kernel]] void cema_fwd_final(
   const device T* x [[buffer(0)]],
   const device float* p [[buffer(1)]],
@@ -207,14 +237,16 @@ template <typename T, int NPT, int NSPLIT>
   const device float* h0_re [[buffer(7)]],
   const device float* h0_im [[buffer(8)]],
   const device float* h_in [[buffer(9)]],
-  const device int* params [[buffer(10)]],
-  device float* y [[buffer(11)]],
-  device float* h_out_re [[buffer(12)]],
-  device float* h_out_im [[buffer(13)]],
+  const device int* starts [[buffer(10)]],
+  const device int* params [[buffer(11)]],
+  device float* y [[buffer(12)]],
+  device float* h_out_re [[buffer(13)]],
+  device float* h_out_im [[buffer(14)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const unsigned int tid = thread_position_in_grid.x;
 // inputs: x (T, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N), omega (D),
-//         h0_re, h0_im (B x D x N), h_in (B x (NC-1) x 2 x N x D; chunk 0 starts from h0), params
+//         h0_re, h0_im (B x D x N), h_in (B x (NC-1) x 2 x N x D; chunk 0 starts from h0),
+//         starts (B x L), params
 // outputs: y (float32, B x L x D), h_out_re, h_out_im (B x D x N)
 const int N = NPT * NSPLIT;
 const int B = params[0];
@@ -262,13 +294,23 @@ for (int k = 0; k < NPT; ++k) {
 }
 const float om = omega[d];
 const mgk_idx base = ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C) * (mgk_idx)D + (mgk_idx)d;
+const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C;  // starts of the chunk's steps
+const int t0 = c * C;
 int j = 0;
 for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
   float xs[MGK_UNROLL];
+  bool cut[MGK_UNROLL];
   for (int u = 0; u < MGK_UNROLL; ++u) {
     xs[u] = mgk_load(x[base + (mgk_idx)(j + u) * (mgk_idx)D]);
+    cut[u] = RESET != 0 && starts[sb + (mgk_idx)(j + u)] == t0 + j + u;
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
+    if (RESET != 0 && cut[u]) {
+      for (int k = 0; k < NPT; ++k) {
+        hr[k] = 0.0f;
+        hi[k] = 0.0f;
+      }
+    }
     float acc = 0.0f;
     for (int k = 0; k < NPT; ++k) {
       const float r = qr[k] * hr[k] - qi[k] * hi[k] + pp[k] * xs[u];
@@ -284,6 +326,12 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
 }
 for (; j < len; ++j) {
   const float xv = mgk_load(x[base + (mgk_idx)j * (mgk_idx)D]);
+  if (RESET != 0 && starts[sb + (mgk_idx)j] == t0 + j) {
+    for (int k = 0; k < NPT; ++k) {
+      hr[k] = 0.0f;
+      hi[k] = 0.0f;
+    }
+  }
   float acc = 0.0f;
   for (int k = 0; k < NPT; ++k) {
     const float r = qr[k] * hr[k] - qi[k] * hi[k] + pp[k] * xv;
@@ -304,24 +352,27 @@ if (c == NC - 1) {
   }
 }
 }
-template [[host_name("cema_fwd_final_float_16_1")]] [[kernel]] decltype(cema_fwd_final<float, 16, 1>) cema_fwd_final<float, 16, 1>;
-template [[host_name("cema_fwd_final_float_4_4")]] [[kernel]] decltype(cema_fwd_final<float, 4, 4>) cema_fwd_final<float, 4, 4>;
-template [[host_name("cema_fwd_final_bfloat16_t_8_2")]] [[kernel]] decltype(cema_fwd_final<bfloat16_t, 8, 2>) cema_fwd_final<bfloat16_t, 8, 2>;
-template [[host_name("cema_fwd_final_half_4_4")]] [[kernel]] decltype(cema_fwd_final<half, 4, 4>) cema_fwd_final<half, 4, 4>;
+template [[host_name("cema_fwd_final_float_16_1_0")]] [[kernel]] decltype(cema_fwd_final<float, 16, 1, 0>) cema_fwd_final<float, 16, 1, 0>;
+template [[host_name("cema_fwd_final_float_4_4_0")]] [[kernel]] decltype(cema_fwd_final<float, 4, 4, 0>) cema_fwd_final<float, 4, 4, 0>;
+template [[host_name("cema_fwd_final_bfloat16_t_8_2_0")]] [[kernel]] decltype(cema_fwd_final<bfloat16_t, 8, 2, 0>) cema_fwd_final<bfloat16_t, 8, 2, 0>;
+template [[host_name("cema_fwd_final_half_4_4_0")]] [[kernel]] decltype(cema_fwd_final<half, 4, 4, 0>) cema_fwd_final<half, 4, 4, 0>;
+template [[host_name("cema_fwd_final_float_16_1_1")]] [[kernel]] decltype(cema_fwd_final<float, 16, 1, 1>) cema_fwd_final<float, 16, 1, 1>;
+template [[host_name("cema_fwd_final_bfloat16_t_8_2_1")]] [[kernel]] decltype(cema_fwd_final<bfloat16_t, 8, 2, 1>) cema_fwd_final<bfloat16_t, 8, 2, 1>;
 
 // ---- kernel cema_bwd_local
-template <int NPT, int NSPLIT>
+template <int NPT, int NSPLIT, int RESET>
 [[kernel]] void cema_bwd_local(
   const device float* gy [[buffer(0)]],
   const device float* log_mag [[buffer(1)]],
   const device float* phase [[buffer(2)]],
   const device float* gamma_re [[buffer(3)]],
   const device float* gamma_im [[buffer(4)]],
-  const device int* params [[buffer(5)]],
-  device float* loc [[buffer(6)]],
+  const device int* starts [[buffer(5)]],
+  const device int* params [[buffer(6)]],
+  device float* loc [[buffer(7)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const unsigned int tid = thread_position_in_grid.x;
-// inputs: gy (float32, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), params
+// inputs: gy (float32, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), starts (B x L), params
 // output: loc (B x (NC-1) x 6 x N x D): (A, K, V) leaving the start of chunk c = 1..NC-1
 //         (stored at c-1) when the carries entering its end are zero
 const int N = NPT * NSPLIT;
@@ -360,14 +411,18 @@ for (int k = 0; k < NPT; ++k) {
   kr[k] = 0.0f;
   ki[k] = 0.0f;
 }
-// Walk t = start + len - 1 down to start; `base` addresses t = start + len - 1.
+// Walk t = start + len - 1 down to start; `base` (and `sb` in starts) address t = start + len - 1.
 const mgk_idx base =
     ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1)) * (mgk_idx)D + (mgk_idx)d;
+const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1);
+const int tl = c * C + len - 1;
 int j = 0;
 for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
   float gs[MGK_UNROLL];
+  bool cut[MGK_UNROLL];
   for (int u = 0; u < MGK_UNROLL; ++u) {
     gs[u] = gy[base - (mgk_idx)(j + u) * (mgk_idx)D];
+    cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
     for (int k = 0; k < NPT; ++k) {
@@ -379,6 +434,14 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
       kr[k] = kr2;
       vr[k] = qr[k] * nr + qi[k] * ni;
       vi[k] = qr[k] * ni - qi[k] * nr;
+    }
+    if (RESET != 0 && cut[u]) {  // t is a document start: nothing flows on to t-1
+      for (int k = 0; k < NPT; ++k) {
+        kr[k] = 0.0f;
+        ki[k] = 0.0f;
+        vr[k] = 0.0f;
+        vi[k] = 0.0f;
+      }
     }
   }
 }
@@ -392,6 +455,14 @@ for (; j < len; ++j) {
     kr[k] = kr2;
     vr[k] = qr[k] * nr + qi[k] * ni;
     vi[k] = qr[k] * ni - qi[k] * nr;
+  }
+  if (RESET != 0 && starts[sb - (mgk_idx)j] == tl - j) {
+    for (int k = 0; k < NPT; ++k) {
+      kr[k] = 0.0f;
+      ki[k] = 0.0f;
+      vr[k] = 0.0f;
+      vi[k] = 0.0f;
+    }
   }
 }
 const mgk_idx ob = (mgk_idx)(b * NCm1 + (c - 1)) * (mgk_idx)(6 * N);
@@ -407,27 +478,32 @@ for (int k = 0; k < NPT; ++k) {
   loc[(ob + (mgk_idx)(5 * N + n)) * (mgk_idx)D + (mgk_idx)d] = vi[k];
 }
 }
-template [[host_name("cema_bwd_local_16_1")]] [[kernel]] decltype(cema_bwd_local<16, 1>) cema_bwd_local<16, 1>;
-template [[host_name("cema_bwd_local_4_4")]] [[kernel]] decltype(cema_bwd_local<4, 4>) cema_bwd_local<4, 4>;
-template [[host_name("cema_bwd_local_8_2")]] [[kernel]] decltype(cema_bwd_local<8, 2>) cema_bwd_local<8, 2>;
+template [[host_name("cema_bwd_local_16_1_0")]] [[kernel]] decltype(cema_bwd_local<16, 1, 0>) cema_bwd_local<16, 1, 0>;
+template [[host_name("cema_bwd_local_4_4_0")]] [[kernel]] decltype(cema_bwd_local<4, 4, 0>) cema_bwd_local<4, 4, 0>;
+template [[host_name("cema_bwd_local_8_2_0")]] [[kernel]] decltype(cema_bwd_local<8, 2, 0>) cema_bwd_local<8, 2, 0>;
+template [[host_name("cema_bwd_local_16_1_1")]] [[kernel]] decltype(cema_bwd_local<16, 1, 1>) cema_bwd_local<16, 1, 1>;
+template [[host_name("cema_bwd_local_8_2_1")]] [[kernel]] decltype(cema_bwd_local<8, 2, 1>) cema_bwd_local<8, 2, 1>;
 
 // ---- kernel cema_bwd_combine
-template <int NPT, int NSPLIT>
+template <int NPT, int NSPLIT, int RESET>
 [[kernel]] void cema_bwd_combine(
   const device float* loc [[buffer(0)]],
   const device float* ghT_re [[buffer(1)]],
   const device float* ghT_im [[buffer(2)]],
   const device float* log_mag [[buffer(3)]],
   const device float* phase [[buffer(4)]],
-  const device int* params [[buffer(5)]],
-  device float* carry [[buffer(6)]],
+  const device int* starts [[buffer(5)]],
+  const device int* params [[buffer(6)]],
+  device float* carry [[buffer(7)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const unsigned int tid = thread_position_in_grid.x;
-// inputs: loc (B x (NC-1) x 6 x N x D), ghT_re, ghT_im (B x D x N), log_mag, phase (D x N), params
+// inputs: loc (B x (NC-1) x 6 x N x D), ghT_re, ghT_im (B x D x N), log_mag, phase (D x N),
+//         starts (B x L), params
 // output: carry (B x (NC-1) x 6 x N x D): (A, K, V) entering the end of chunk c = 0..NC-2 (the
 //         last chunk's is (ghT, 0, 0))
 const int N = NPT * NSPLIT;
 const int B = params[0];
+const int L = params[1];
 const int D = params[2];
 const int C = params[3];
 const int NC = params[4];
@@ -469,8 +545,18 @@ for (int c = NC - 1; c >= 0; --c) {
     const bool last = (c == NC - 1);
     const MgkC pw = last ? ql : qc;
     const MgkC pw1 = last ? ql1 : qc1;
-    const float cnt = (float)(last ? LAST : C);
+    const int clen = last ? LAST : C;
+    const float cnt = (float)clen;
     const mgk_idx lb = (mgk_idx)(b * (NC - 1) + (c - 1)) * (mgk_idx)(6 * N);
+    // A document starting inside chunk c stops the carries entering its end.
+    if (RESET != 0 && starts[(mgk_idx)b * (mgk_idx)L + (mgk_idx)(c * C + clen - 1)] >= c * C) {
+      A.r = 0.0f;
+      A.i = 0.0f;
+      K.r = 0.0f;
+      K.i = 0.0f;
+      V.r = 0.0f;
+      V.i = 0.0f;
+    }
     const MgkC a2 = mgk_cmul(pw, A);
     const MgkC k2 = mgk_cmul(pw, K);
     const MgkC ka = mgk_cmul(pw1, A);
@@ -484,12 +570,14 @@ for (int c = NC - 1; c >= 0; --c) {
   }
 }
 }
-template [[host_name("cema_bwd_combine_16_1")]] [[kernel]] decltype(cema_bwd_combine<16, 1>) cema_bwd_combine<16, 1>;
-template [[host_name("cema_bwd_combine_4_4")]] [[kernel]] decltype(cema_bwd_combine<4, 4>) cema_bwd_combine<4, 4>;
-template [[host_name("cema_bwd_combine_8_2")]] [[kernel]] decltype(cema_bwd_combine<8, 2>) cema_bwd_combine<8, 2>;
+template [[host_name("cema_bwd_combine_16_1_0")]] [[kernel]] decltype(cema_bwd_combine<16, 1, 0>) cema_bwd_combine<16, 1, 0>;
+template [[host_name("cema_bwd_combine_4_4_0")]] [[kernel]] decltype(cema_bwd_combine<4, 4, 0>) cema_bwd_combine<4, 4, 0>;
+template [[host_name("cema_bwd_combine_8_2_0")]] [[kernel]] decltype(cema_bwd_combine<8, 2, 0>) cema_bwd_combine<8, 2, 0>;
+template [[host_name("cema_bwd_combine_16_1_1")]] [[kernel]] decltype(cema_bwd_combine<16, 1, 1>) cema_bwd_combine<16, 1, 1>;
+template [[host_name("cema_bwd_combine_8_2_1")]] [[kernel]] decltype(cema_bwd_combine<8, 2, 1>) cema_bwd_combine<8, 2, 1>;
 
 // ---- kernel cema_bwd_final
-template <typename T, int NPT, int NSPLIT>
+template <typename T, int NPT, int NSPLIT, int RESET>
 [[kernel]] void cema_bwd_final(
   const device T* x [[buffer(0)]],
   const device float* gy [[buffer(1)]],
@@ -504,16 +592,18 @@ template <typename T, int NPT, int NSPLIT>
   const device float* ghT_re [[buffer(10)]],
   const device float* ghT_im [[buffer(11)]],
   const device float* carry [[buffer(12)]],
-  const device int* params [[buffer(13)]],
-  device T* gx [[buffer(14)]],
-  device float* part [[buffer(15)]],
-  device float* gomega [[buffer(16)]],
-  device float* gh0_re [[buffer(17)]],
-  device float* gh0_im [[buffer(18)]],
+  const device int* starts [[buffer(13)]],
+  const device int* params [[buffer(14)]],
+  device T* gx [[buffer(15)]],
+  device float* part [[buffer(16)]],
+  device float* gomega [[buffer(17)]],
+  device float* gh0_re [[buffer(18)]],
+  device float* gh0_im [[buffer(19)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const unsigned int tid = thread_position_in_grid.x;
 // inputs: x (T, B x L x D), gy (float32, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N),
-//         omega (D), h0_re, h0_im, ghT_re, ghT_im (B x D x N), carry (B x (NC-1) x 6 x N x D), params
+//         omega (D), h0_re, h0_im, ghT_re, ghT_im (B x D x N), carry (B x (NC-1) x 6 x N x D),
+//         starts (B x L), params
 // outputs: gx (T, B x L x D), part (B*NC x 5 x N x D: gp, gq re/im, ggamma re/im),
 //          gomega (B*NC x D), gh0_re, gh0_im (B x D x N)
 const int N = NPT * NSPLIT;
@@ -586,13 +676,17 @@ const float om = omega[d];
 float som = 0.0f;
 const mgk_idx base =
     ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1)) * (mgk_idx)D + (mgk_idx)d;
+const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1);
+const int tl = c * C + len - 1;
 int j = 0;
 for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
   float xs[MGK_UNROLL];
   float gs[MGK_UNROLL];
+  bool cut[MGK_UNROLL];
   for (int u = 0; u < MGK_UNROLL; ++u) {
     xs[u] = mgk_load(x[base - (mgk_idx)(j + u) * (mgk_idx)D]);
     gs[u] = gy[base - (mgk_idx)(j + u) * (mgk_idx)D];
+    cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
     const float xv = xs[u];
@@ -616,6 +710,16 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
       ai[k] = qr[k] * mi - qi[k] * mr;
       vr[k] = qr[k] * nr + qi[k] * ni;
       vi[k] = qr[k] * ni - qi[k] * nr;
+    }
+    if (RESET != 0 && cut[u]) {  // t is a document start: nothing flows on to t-1
+      for (int k = 0; k < NPT; ++k) {
+        ar[k] = 0.0f;
+        ai[k] = 0.0f;
+        kr[k] = 0.0f;
+        ki[k] = 0.0f;
+        vr[k] = 0.0f;
+        vi[k] = 0.0f;
+      }
     }
     acc = mgk_group_sum<NSPLIT>(acc);
     som += gv * xv;
@@ -647,6 +751,16 @@ for (; j < len; ++j) {
     vr[k] = qr[k] * nr + qi[k] * ni;
     vi[k] = qr[k] * ni - qi[k] * nr;
   }
+  if (RESET != 0 && starts[sb - (mgk_idx)j] == tl - j) {
+    for (int k = 0; k < NPT; ++k) {
+      ar[k] = 0.0f;
+      ai[k] = 0.0f;
+      kr[k] = 0.0f;
+      ki[k] = 0.0f;
+      vr[k] = 0.0f;
+      vi[k] = 0.0f;
+    }
+  }
   acc = mgk_group_sum<NSPLIT>(acc);
   som += gv * xv;
   if (split == 0) {
@@ -654,6 +768,7 @@ for (; j < len; ++j) {
   }
 }
 // gq = p sum x kappa (+ conj(h0) kappa_{-1} in chunk 0); ggamma = p sum x nu (+ conj(h0) Q nu_0)
+// (with resets, the carries after step 0 already hold r_0: a start at t = 0 cuts h0 off)
 const mgk_idx pb = (mgk_idx)(b * NC + c) * (mgk_idx)(5 * N);
 for (int k = 0; k < NPT; ++k) {
   const int n = split * NPT + k;
@@ -682,8 +797,10 @@ if (split == 0) {
   gomega[(mgk_idx)(b * NC + c) * (mgk_idx)D + (mgk_idx)d] = som;
 }
 }
-template [[host_name("cema_bwd_final_float_16_1")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1>) cema_bwd_final<float, 16, 1>;
-template [[host_name("cema_bwd_final_float_4_4")]] [[kernel]] decltype(cema_bwd_final<float, 4, 4>) cema_bwd_final<float, 4, 4>;
-template [[host_name("cema_bwd_final_bfloat16_t_8_2")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2>) cema_bwd_final<bfloat16_t, 8, 2>;
-template [[host_name("cema_bwd_final_half_4_4")]] [[kernel]] decltype(cema_bwd_final<half, 4, 4>) cema_bwd_final<half, 4, 4>;
+template [[host_name("cema_bwd_final_float_16_1_0")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 0>) cema_bwd_final<float, 16, 1, 0>;
+template [[host_name("cema_bwd_final_float_4_4_0")]] [[kernel]] decltype(cema_bwd_final<float, 4, 4, 0>) cema_bwd_final<float, 4, 4, 0>;
+template [[host_name("cema_bwd_final_bfloat16_t_8_2_0")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 0>) cema_bwd_final<bfloat16_t, 8, 2, 0>;
+template [[host_name("cema_bwd_final_half_4_4_0")]] [[kernel]] decltype(cema_bwd_final<half, 4, 4, 0>) cema_bwd_final<half, 4, 4, 0>;
+template [[host_name("cema_bwd_final_float_16_1_1")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 1>) cema_bwd_final<float, 16, 1, 1>;
+template [[host_name("cema_bwd_final_bfloat16_t_8_2_1")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 1>) cema_bwd_final<bfloat16_t, 8, 2, 1>;
 

@@ -9,8 +9,8 @@ Everything here runs in float32 with complex numbers carried as (real, imag) pai
 input dtype: real arithmetic keeps MLX autodiff on well-trodden ground on every backend. Long
 segments use an FFT convolution; short ones (decoding) step the recurrence. The custom-kernel scan
 lives in ``kernels.py`` and is picked in ``cema_scan`` below, the single dispatch point. Packed rows
-(several documents, the state reset to zero at each start) take ``cema_segmented``, a blocked scan
-in pure ops, on every backend.
+(several documents, the state reset to zero at each start) take the kernel's reset variant where
+the kernel is available, else ``cema_segmented``, a blocked scan in pure ops.
 """
 from __future__ import annotations
 
@@ -222,13 +222,15 @@ def cema_segmented(x: mx.array, coeffs: CEMACoefficients, doc_starts: mx.array, 
 def cema_scan(x, coeffs: CEMACoefficients, state=None, return_state=False, doc_starts=None):
     """The one place that picks how CEMA runs: custom kernel where available, else pure ops.
 
-    With ``doc_starts`` (packed documents) the pure-ops segmented scan runs on every backend: the
-    fused kernel (kernels.py) has no state reset yet. TODO: a reset flag in cema_scan.body."""
+    With ``doc_starts`` (packed documents): the kernel with document resets where available, else
+    the pure-ops segmented scan (also under MEGALODON_KERNELS=0)."""
+    from .kernels import cema_kernel_available, cema_kernel_scan
     if doc_starts is not None:
         if state is not None or return_state:
             raise ValueError("CEMA over packed documents (doc_starts) takes no state and returns none")
+        if cema_kernel_available(x.shape[1]):
+            return cema_kernel_scan(x, coeffs, doc_starts=doc_starts)
         return cema_segmented(x, coeffs, doc_starts), None
-    from .kernels import cema_kernel_available, cema_kernel_scan
     if cema_kernel_available(x.shape[1]):
         return cema_kernel_scan(x, coeffs, state, return_state)
     if x.shape[1] <= RECURRENCE_MAX_LEN:

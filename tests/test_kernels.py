@@ -5,6 +5,8 @@ source parses as C++ under a shim (g++ -fsyntax-only), the kernel bodies run one
 the CPU (g++ + ctypes) and match the pure-ops CEMA forward and gradients, and the dispatch switch.
 On a GPU backend (CUDA here; Metal where one exists): the real kernels against a float64 reference
 and against cema_recurrence / cema_fft, forward and gradients of every input, fp32 and bf16 x.
+Packed rows (document starts, RESET = 1 kernels): against each document run alone in float64 and
+against cema_segmented, on the CPU emulation and on the GPU.
 Tolerances are relative Frobenius errors, written into each assert.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 
 from mlx_megalodon import kernels as K
 from mlx_megalodon.complex_exponential_moving_average import (
-    CEMACoefficients, MultiHeadComplexEMA, cema_fft, cema_recurrence, cema_scan)
+    CEMACoefficients, MultiHeadComplexEMA, cema_fft, cema_recurrence, cema_scan, cema_segmented)
 
 FIELDS = ["x", *CEMACoefficients._fields, "h0_re", "h0_im"]
 ON_GPU = K.gpu_backend() is not None
@@ -89,6 +91,71 @@ def torch_reference(x, coeffs, h0, w):
     return (y.detach().numpy(), h.real.detach().numpy(), h.imag.detach().numpy()), [g.numpy() for g in grads]
 
 
+# Packed rows: x and the coefficients only (no state in or out), loss sum(y * wy).
+PACKED_FIELDS = ["x", *CEMACoefficients._fields]
+
+
+def starts_from_lengths(layout):
+    """B x L int32 document starts from each row's document lengths (every row the same total)."""
+    rows = []
+    for lengths in layout:
+        firsts = np.cumsum([0, *lengths[:-1]])
+        rows.append(np.concatenate([np.full(n, s) for s, n in zip(firsts, lengths)]))
+    assert len({len(r) for r in rows}) == 1, "rows of different lengths"
+    return np.stack(rows).astype(np.int32)
+
+
+def random_layout(rng, B, L, mean_length):
+    """Per row, geometric document lengths (mean `mean_length`, 1-token documents included)."""
+    layout = []
+    for _ in range(B):
+        lengths = []
+        while sum(lengths) < L:
+            lengths.append(int(rng.geometric(1.0 / mean_length)))
+        lengths[-1] -= sum(lengths) - L
+        layout.append(lengths)
+    return layout
+
+
+def packed_value_and_grads(fn, x, coeffs, starts, wy, dtype=mx.float32):
+    """y and d(sum y*wy)/d(x, every coefficient) through fn(x, coeffs, starts) -> y."""
+    def loss(x, cs):
+        y = fn(x, CEMACoefficients(*cs), mx.array(starts))
+        return (y * mx.array(wy)).sum(), y
+
+    (_, y), g = mx.value_and_grad(loss, argnums=(0, 1))(mx.array(x).astype(dtype), [mx.array(c) for c in coeffs])
+    grads = [g[0], *g[1]]
+    mx.eval(y, grads)
+    assert grads[0].dtype == dtype
+    return np.array(y), [np.array(a.astype(mx.float32)) for a in grads]
+
+
+def per_document_reference(x, coeffs, starts, wy):
+    """Every document run alone from a zero state, in float64 (torch_reference): y and the
+    gradients of sum(y * wy) in x and in the coefficients (summed over the documents)."""
+    B, L, D = x.shape
+    N = coeffs[0].shape[-1]
+    zeros = [np.zeros((1, D, N), np.float32)] * 2
+    y, gx = np.zeros(x.shape), np.zeros(x.shape)
+    gc = [np.zeros(c.shape) for c in coeffs]
+    for b in range(B):
+        for s in np.unique(starts[b]):
+            e = s + int((starts[b] == s).sum())
+            (yd, _, _), g = torch_reference(x[b:b + 1, s:e], coeffs, zeros, [wy[b:b + 1, s:e], *zeros])
+            y[b, s:e], gx[b, s:e] = yd[0], g[0][0]
+            for i in range(len(coeffs)):
+                gc[i] += g[1 + i]
+    return y, [gx, *gc]
+
+
+def kernel_packed(x, c, starts):
+    return K.cema_kernel_scan(x, c, doc_starts=starts)[0]
+
+
+def ops_packed(x, c, starts):
+    return cema_segmented(x, c, starts, block=16)
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU: sources, syntax, emulated kernels, dispatch
 
@@ -138,6 +205,90 @@ def test_cpu_emulated_kernels_match_ops(cpu_kernels, monkeypatch, L, chunk):
     assert rel(y, ry) < 1e-5 and rel(hr, rhr) < 1e-5 and rel(hi, rhi) < 1e-5
     for name, a, b in zip(FIELDS, g, rg):
         assert rel(a, b) < 2e-5, name
+
+
+# (document lengths per row, chunk). Chunk 8 unless said.
+PACKED_CPU_CASES = [
+    ([[40], [40]], 8),                                       # one document a row: the start at t = 0 only
+    ([[8, 16, 16], [3, 5, 1, 7, 24]], 8),                    # starts on chunk boundaries / mid-chunk
+    # L = 37, short last chunk: starts at the last step of a chunk (7), 1-token documents on a
+    # boundary (8) and at t = 0, 1, a start at the last chunk's first step (32) and its last (36)
+    ([[1, 1, 9, 1, 16, 1, 7, 1], [7, 1, 8, 16, 4, 1]], 8),
+    ([[70, 3, 77, 50], [1, 64, 85, 50]], 8),                 # 25 chunks, documents across many of them
+    ([[3, 5, 1, 7, 4], [1, 19]], 1),                         # every step its own chunk
+    ([[3, 5, 1, 7, 24], [8, 16, 16]], None),                 # the automatic plan (32 + 8)
+]
+
+
+@pytest.mark.parametrize("layout,chunk", PACKED_CPU_CASES)
+def test_cpu_emulated_reset_kernels_match_per_document_and_segmented(cpu_kernels, monkeypatch, layout, chunk):
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
+    starts = starts_from_lengths(layout)
+    B, L = starts.shape
+    x, coeffs, _, w = make_case(B, L, 3, 4, seed=L + B)
+    y, g = packed_value_and_grads(kernel_packed, x, coeffs, starts, w[0])
+    ry, rg = per_document_reference(x, coeffs, starts, w[0])
+    assert rel(y, ry) < 1e-5, rel(y, ry)
+    for name, a, b in zip(PACKED_FIELDS, g, rg):
+        assert rel(a, b) < 2e-5, (name, rel(a, b))
+    oy, og = packed_value_and_grads(ops_packed, x, coeffs, starts, w[0])
+    assert rel(y, oy) < 2e-5, rel(y, oy)
+    for name, a, b in zip(PACKED_FIELDS, g, og):
+        assert rel(a, b) < 2e-5, (name, rel(a, b))
+
+
+@pytest.mark.parametrize("chunk", [8, None])
+def test_cpu_emulated_reset_kernels_with_state(cpu_kernels, monkeypatch, chunk):
+    """The kernel's own contract with both: a start at t = 0 drops h0 (its gradient is zero) and the
+    final state is the last document's own end state (cema_scan passes no state with doc_starts)."""
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
+    starts = starts_from_lengths([[9, 1, 27], [20, 16, 1]])
+    x, coeffs, h0, w = make_case(2, 37, 3, 4, seed=5)
+    fn = lambda x, c, state, ret: K.cema_kernel_scan(x, c, state, ret, doc_starts=mx.array(starts))
+    (y, hr, hi), g = mlx_value_and_grads(fn, x, coeffs, h0, w)
+    ry, _ = per_document_reference(x, coeffs, starts, w[0])
+    assert rel(y, ry) < 1e-5
+    c = CEMACoefficients(*(mx.array(a) for a in coeffs))
+    for b, first in ((0, 10), (1, 36)):
+        _, (er, ei) = cema_recurrence(mx.array(x[b:b + 1, first:]), c, return_state=True)
+        assert rel(hr[b], np.array(er)[0]) < 1e-5 and rel(hi[b], np.array(ei)[0]) < 1e-5
+    assert np.all(g[-2] == 0) and np.all(g[-1] == 0)
+
+
+def record_launches(launched: list) -> None:
+    """Route launches through the current (test) launcher, appending (kernel, RESET) to `launched`."""
+    inner = K._launcher()
+
+    def recording(name, inputs, templates, *args):
+        launched.append((name, dict(templates)["RESET"]))
+        return inner(name, inputs, templates, *args)
+    recording.max_split = inner.max_split
+    K.set_launcher(recording)
+
+
+def test_packed_dispatch(cpu_kernels, monkeypatch):
+    """cema_scan with doc_starts launches the RESET = 1 kernels where the kernel is available,
+    RESET = 0 without doc_starts, nothing under MEGALODON_KERNELS=0; a bad shape is one clear error."""
+    launched = []
+    record_launches(launched)
+    starts = starts_from_lengths([[5, 15], [1, 19]])
+    x, coeffs, _, _ = make_case(2, 20, 3, 4, seed=0)
+    xa, c = mx.array(x), CEMACoefficients(*(mx.array(a) for a in coeffs))
+    y, state = cema_scan(xa, c, doc_starts=mx.array(starts))
+    assert state is None and launched and all(r == 1 for _, r in launched)
+    assert rel(y, cema_segmented(xa, c, mx.array(starts))) < 1e-5
+    launched.clear()
+    cema_scan(xa, c)
+    assert launched and all(r == 0 for _, r in launched)
+    launched.clear()
+    monkeypatch.setenv("MEGALODON_KERNELS", "0")
+    y0, _ = cema_scan(xa, c, doc_starts=mx.array(starts))
+    assert not launched and rel(y0, y) < 1e-5
+    monkeypatch.setenv("MEGALODON_KERNELS", "1")
+    with pytest.raises(ValueError, match="doc_starts must have shape"):
+        K.cema_kernel_scan(xa, c, doc_starts=mx.array(starts[:, :10]))
+    with pytest.raises(ValueError, match="takes no state"):
+        cema_scan(xa, c, return_state=True, doc_starts=mx.array(starts))
 
 
 def test_dispatch_switch(monkeypatch):
@@ -250,3 +401,111 @@ def test_gpu_module_grad_under_compile(monkeypatch):
     assert abs(results["1"][0] - results["0"][0]) < 1e-4 * abs(results["0"][0])
     for k, a, b in zip(names, results["1"][1], results["0"][1]):
         assert rel(a, b) < 2e-3, k
+
+
+# Packed rows on the GPU: (B, L, D, N, chunk, forward state dims per thread, dtype, layout). layout:
+# document lengths per row, or a mean length for random_layout (geometric lengths, so 1-token
+# documents and starts on chunk boundaries and mid-chunk all occur).
+GPU_PACKED_CASES = [
+    (2, 37, 7, 16, 8, 16, mx.float32, [[1, 1, 9, 1, 16, 1, 7, 1], [7, 1, 8, 16, 4, 1]]),
+    (2, 37, 7, 16, 8, 4, mx.float32, [[1, 1, 9, 1, 16, 1, 7, 1], [7, 1, 8, 16, 4, 1]]),
+    (2, 64, 7, 16, 1, 16, mx.float32, [[64], [1, 31, 32]]),     # every step its own chunk
+    (2, 5000, 7, 16, None, 16, mx.float32, 300),
+    (2, 5000, 7, 16, None, 8, mx.float32, 40),
+    (2, 5000, 7, 16, None, 4, mx.float32, 40),
+    (1, 5000, 33, 16, 700, 16, mx.float32, 1000),               # few long chunks
+    (2, 37, 7, 16, 8, 16, mx.bfloat16, [[1, 1, 9, 1, 16, 1, 7, 1], [7, 1, 8, 16, 4, 1]]),
+    (2, 5000, 7, 16, None, 8, mx.bfloat16, 300),
+]
+
+
+@gpu
+@pytest.mark.parametrize("B,L,D,N,chunk,fwd_npt,dtype,layout", GPU_PACKED_CASES)
+def test_gpu_reset_kernels_forward_and_grads(monkeypatch, B, L, D, N, chunk, fwd_npt, dtype, layout):
+    monkeypatch.setenv("MEGALODON_KERNELS", "1")
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
+    monkeypatch.setattr(K, "FWD_MAX_NPT", fwd_npt)
+    if not isinstance(layout, list):
+        layout = random_layout(np.random.default_rng(L + D), B, L, layout)
+    starts = starts_from_lengths(layout)
+    x, coeffs, _, w = make_case(B, L, D, N, seed=L + D + 1, dtype=dtype)
+    y, g = packed_value_and_grads(kernel_packed, x, coeffs, starts, w[0], dtype)
+
+    # Against every document alone in float64: fp32 accumulation only (x exact in its dtype); the
+    # gradient of a bf16 x comes back in bf16.
+    ry, rg = per_document_reference(x, coeffs, starts, w[0])
+    assert rel(y, ry) < 1e-5, rel(y, ry)
+    for name, a, b in zip(PACKED_FIELDS, g, rg):
+        tol = 1e-2 if (name == "x" and dtype == mx.bfloat16) else 2e-5
+        assert rel(a, b) < tol, (name, rel(a, b))
+
+    # Against cema_segmented (its matmuls run in TF32 on CUDA by default, hence 1e-3).
+    oy, og = packed_value_and_grads(ops_packed, x, coeffs, starts, w[0], dtype)
+    assert rel(y, oy) < 1e-3, rel(y, oy)
+    for name, a, b in zip(PACKED_FIELDS, g, og):
+        tol = 1e-2 if (name == "x" and dtype == mx.bfloat16) else 1e-3
+        assert rel(a, b) < tol, (name, rel(a, b))
+
+
+@gpu
+def test_gpu_packed_module_grad_under_compile(monkeypatch):
+    """mx.compile(mx.value_and_grad(...)) through MultiHeadComplexEMA with doc_starts: the reset
+    kernels (MEGALODON_KERNELS=1) and cema_segmented (=0) agree (TF32 matmuls there, hence 2e-3)."""
+    cema = MultiHeadComplexEMA(16, 16)
+    names = ("alpha", "delta", "theta", "gamma", "omega")
+    params = [getattr(cema, k) for k in names]
+    x = mx.random.normal((2, 333, 16))
+    starts = mx.array(starts_from_lengths(random_layout(np.random.default_rng(1), 2, 333, 50)))
+
+    def loss(x, starts, *ps):
+        for k, v in zip(names, ps):
+            setattr(cema, k, v)
+        y, _ = cema(x, doc_starts=starts)
+        return (y * y).mean()
+
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MEGALODON_KERNELS", flag)
+        fn = mx.compile(mx.value_and_grad(loss, argnums=(0, *range(2, 7))))
+        val, grads = fn(x, starts, *params)
+        mx.eval(val, grads)
+        results[flag] = (float(val), grads)
+    for k, v in zip(names, params):
+        setattr(cema, k, v)
+    assert abs(results["1"][0] - results["0"][0]) < 1e-4 * abs(results["0"][0])
+    for k, a, b in zip(("x", *names), results["1"][1], results["0"][1]):
+        assert rel(a, b) < 2e-3, k
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_cpu_emulated_packed_model_gradients(cpu_kernels, monkeypatch, grad_checkpoint):
+    """A tiny model on packed rows (segment_ids), eager loss and gradients, with training's
+    gradient checkpointing or without: the CPU-emulated reset kernels agree with the ops path."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_megalodon.train import set_grad_checkpoint
+    from test_packed import LAYOUTS, _doc_loss_fns
+    from test_parity import CONFIGS, build_pair
+
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", 8)
+    args, _, model = build_pair(CONFIGS["ndim16_heads4"])
+    model.train()
+    set_grad_checkpoint(model, grad_checkpoint)
+    rows = LAYOUTS["mixed"]
+    toks = np.random.default_rng(7).integers(0, args.vocab_size, size=(2, sum(rows[0]) + 1))
+    packed, _ = _doc_loss_fns(rows, toks[:, :-1], toks[:, 1:])
+    launched = []
+    record_launches(launched)
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MEGALODON_KERNELS", flag)
+        loss, grads = nn.value_and_grad(model, packed)(model)
+        results[flag] = (loss.item(), dict(tree_flatten(grads)))
+        if flag == "1":   # forward and backward reset kernels ran
+            assert {"cema_fwd_final", "cema_bwd_final"} <= {n for n, r in launched if r == 1}, launched
+    (loss_k, grads_k), (loss_o, grads_o) = results["1"], results["0"]
+    assert abs(loss_k - loss_o) <= 1e-5 * abs(loss_o)
+    assert set(grads_k) == set(grads_o)
+    for key in sorted(grads_o):
+        g, r = np.array(grads_k[key]), np.array(grads_o[key])
+        assert float(np.abs(g - r).max()) <= 1e-4 * float(np.abs(r).max()) + 1e-7, key

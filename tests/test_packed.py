@@ -220,18 +220,19 @@ def test_cema_segmented_matches_per_document_recurrence(L, block):
     assert np.abs(np.array(y) - ref).max() <= 2e-5 * np.abs(ref).max() + 1e-6
 
 
-def test_packed_cema_never_takes_the_kernel(monkeypatch):
-    """The fused kernel has no state reset: with doc_starts, cema_scan takes the ops path even where
-    the kernel is available (a launcher that refuses every launch stands in for the GPU)."""
+def test_packed_cema_takes_ops_under_kernels_off(monkeypatch):
+    """MEGALODON_KERNELS=0: with doc_starts, cema_scan takes the ops path (cema_segmented) even where
+    the kernel is available (a launcher that refuses every launch stands in for the GPU). With the
+    kernels on, packed rows take the kernel's reset variant: tests/test_kernels.py."""
     class Refuse:
         max_split = 1
 
         def __call__(self, *args, **kwargs):
-            raise AssertionError("the custom kernel was launched for packed documents")
-    monkeypatch.setenv("MEGALODON_KERNELS", "1")
+            raise AssertionError("the custom kernel was launched under MEGALODON_KERNELS=0")
+    monkeypatch.setenv("MEGALODON_KERNELS", "0")
     kernels.set_launcher(Refuse())
     try:
-        assert kernels.cema_kernel_available(20)
+        assert not kernels.cema_kernel_available(20)
         cema = random_cema()
         x = mx.array(np.random.default_rng(0).normal(size=(1, 20, 6)).astype(np.float32))
         starts = mx.array(starts_of(np.repeat([[0, 1]], 10, axis=1).astype(np.int32)))
