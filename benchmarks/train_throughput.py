@@ -6,8 +6,16 @@
 Each step is one AdamW update (forward + backward) through the project's own Trainer (bf16
 compute, float32 CEMA/norms/master weights), over batches of ``tokens_per_step / seq_len`` rows, so
 every sequence length does the same work per step. Reports tokens/s (median of timed steps after
-warm-up) and MLX's peak memory.
+warm-up), the first step's time (it includes mx.compile and any kernel JIT) and MLX's peak memory.
+
+``--variants`` measures the same step several ways, in one process:
+  kernels      the default dispatch (the fused CEMA kernel where a GPU backend exists)
+  ops          MEGALODON_KERNELS=0, the pure-ops path
+  distributed  default dispatch, plus the data-parallel gradient reduction forced on at world
+               size 1 (``Trainer(always_reduce=True)``): the distributed code's own cost
+``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
 """
+import os
 import argparse
 import json
 import sys
@@ -25,28 +33,39 @@ from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E
 from benchmarks.long_context import device_name  # noqa: E402
 
 
-def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype):
+VARIANTS = ("kernels", "ops", "distributed")
+
+
+def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",
+            packed_doc_len=0):
+    os.environ["MEGALODON_KERNELS"] = "0" if variant == "ops" else "1"
     mx.random.seed(0)
     model = Model(args)
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype=dtype, grad_checkpoint=grad_checkpoint,
-                      compile=compile_step, document_resets=False)
-    trainer = Trainer(model, build_optimizer(cfg), cfg)
+                      compile=compile_step, document_resets=packed_doc_len > 0)
+    trainer = Trainer(model, build_optimizer(cfg), cfg, always_reduce=variant == "distributed")
     rng = np.random.default_rng(0)
     toks = rng.integers(0, args.vocab_size, size=(rows, seq_len + 1)).astype(np.int32)
-    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32),
-                  np.zeros((rows, seq_len), np.int32))
+    segments = np.zeros((rows, seq_len), np.int32)
+    if packed_doc_len:
+        segments += (np.arange(seq_len, dtype=np.int32) // packed_doc_len)[None]
+    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32), segments)
     times = []
+    mx.synchronize()
     mx.reset_peak_memory()
     for i in range(warmup + steps):
         tic = time.perf_counter()
         loss, ntoks, norm = trainer.step([batch])
         mx.eval(loss, trainer.state)
-        if i >= warmup:
-            times.append(time.perf_counter() - tic)
-    t = float(np.median(times))
-    return {"seq_len": seq_len, "rows": rows, "tokens_per_step": rows * seq_len, "step_s": t,
-            "tokens_per_s": rows * seq_len / t, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "loss": float(loss.item()), "grad_checkpoint": grad_checkpoint}
+        times.append(time.perf_counter() - tic)
+    t = float(np.median(times[warmup:]))
+    out = {"variant": variant, "seq_len": seq_len, "rows": rows, "tokens_per_step": rows * seq_len, "step_s": t,
+           "step_s_all": times[warmup:], "first_step_s": times[0], "tokens_per_s": rows * seq_len / t,
+           "peak_memory_gb": mx.get_peak_memory() / 1e9, "loss": float(loss.item()),
+           "grad_checkpoint": grad_checkpoint, "packed_doc_len": packed_doc_len}
+    del trainer, model
+    mx.clear_cache()
+    return out
 
 
 def main():
@@ -60,8 +79,14 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--variants", default="kernels", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--packed-doc-len", type=int, default=0, help="documents of N tokens per row (0: one per row)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {', '.join(bad)} (known: {', '.join(VARIANTS)})")
     overrides = {} if a.layers is None else {"num_layers": a.layers}
     args = preset(a.preset, **overrides)
     meta = {"device": device_name(), "mlx": mx.__version__, "model": a.preset, "parameters": parameter_count(args),
@@ -70,12 +95,15 @@ def main():
     rows_out = []
     for L in (int(x) for x in a.seq_lens.split(",")):
         rows = max(1, a.tokens_per_step // L)
-        r = measure(args, L, rows, a.steps, a.warmup, a.grad_checkpoint, not a.no_compile, a.dtype)
-        rows_out.append(r)
-        print(f"seq {L:>7,d} x {rows:>3d} rows: {r['tokens_per_s']:>10,.0f} tok/s  step {r['step_s']:.3f} s  "
-              f"peak {r['peak_memory_gb']:.2f} GB  loss {r['loss']:.3f}", flush=True)
-    if a.out:
-        Path(a.out).write_text(json.dumps({"meta": meta, "results": rows_out}, indent=2) + "\n")
+        for variant in variants:
+            r = measure(args, L, rows, a.steps, a.warmup, a.grad_checkpoint, not a.no_compile, a.dtype, variant,
+                        a.packed_doc_len)
+            rows_out.append(r)
+            print(f"{variant:>11s} seq {L:>7,d} x {rows:>3d} rows: {r['tokens_per_s']:>10,.0f} tok/s  "
+                  f"step {r['step_s']:.3f} s  first step {r['first_step_s']:.1f} s  "
+                  f"peak {r['peak_memory_gb']:.2f} GB  loss {r['loss']:.3f}", flush=True)
+            if a.out:  # after every measurement, so a run cut short keeps what it measured
+                Path(a.out).write_text(json.dumps({"meta": meta, "results": rows_out}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

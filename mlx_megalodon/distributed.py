@@ -83,9 +83,10 @@ def shard(rows: Sequence, rank: int, size: int):
 
 
 # ----------------------------------------------------------------------------- collectives
-def _fused_mean(tree, group: Group):
-    """Mean over ranks of a tree of float32 arrays, as few all_sums as the bucket size allows."""
-    if _mlx_average_gradients is not None:
+def _fused_mean(tree, group: Group, force: bool = False):
+    """Mean over ranks of a tree of float32 arrays, as few all_sums as the bucket size allows.
+    ``force``: always take the concatenate + all_sum route (mlx's helper skips a group of one)."""
+    if _mlx_average_gradients is not None and not force:
         return _mlx_average_gradients(tree, group)
     flat = tree_flatten(tree)
     big = mx.concatenate([v.reshape(-1) for _, v in flat])
@@ -120,19 +121,20 @@ def all_sum_tree(tree, group: Optional[Group] = None):
     return tree_map(lambda m, x: (m * n).astype(x.dtype), mean, tree)
 
 
-def reduce_step(grads, loss: mx.array, ntoks: mx.array, group: Optional[Group] = None
+def reduce_step(grads, loss: mx.array, ntoks: mx.array, group: Optional[Group] = None, force: bool = False
                 ) -> Tuple[Any, mx.array, mx.array]:
     """Token-weighted global step from each rank's (mean-loss gradients, mean loss, token count):
     returns (sum_r n_r g_r / N, sum_r n_r loss_r / N, N) with N = sum_r n_r, i.e. the gradient and
     loss of the mean over the combined batch. One fused all_sum carries the gradients and both
-    scalars. Identity on a group of one."""
+    scalars. Identity on a group of one, unless ``force`` (measuring the distributed path's own
+    cost at world size 1)."""
     g = get_group(group)
-    if g.size() == 1:
+    if g.size() == 1 and not force:
         return grads, loss, ntoks
     n = ntoks.astype(mx.float32)
     packed = {"g": tree_map(lambda x: x.astype(mx.float32) * n, grads),
               "s": mx.stack([loss.astype(mx.float32) * n, n])}
-    mean = _fused_mean(packed, g)            # every entry divided by size: the size cancels below
+    mean = _fused_mean(packed, g, force)     # every entry divided by size: the size cancels below
     total = mean["s"][1]
     out = tree_map(lambda m, x: (m / total).astype(x.dtype), mean["g"], grads)
     return out, mean["s"][0] / total, total * g.size()

@@ -275,9 +275,10 @@ class Trainer:
     With a ``group`` of several ranks (data parallelism) each rank passes its own shard of the
     micro-batches; gradients, loss and token count are token-weighted over all ranks (one fused
     all_sum per update, :func:`distributed.reduce_step`), so every rank applies the same update.
+    ``always_reduce`` runs that reduction even on one rank (benchmarks: the distributed path's cost).
     """
 
-    def __init__(self, model, optimizer: AdamW, cfg: TrainConfig, group=None):
+    def __init__(self, model, optimizer: AdamW, cfg: TrainConfig, group=None, always_reduce: bool = False):
         self.model = model
         self.optimizer = optimizer
         self.cfg = cfg
@@ -305,8 +306,8 @@ class Trainer:
 
         def fused_step(inputs, targets, mask, segment_ids=None):
             loss, ntoks, grads = loss_and_grads(inputs, targets, mask, segment_ids)
-            if distributed:
-                grads, loss, ntoks = dist.reduce_step(grads, loss, ntoks, group)
+            if distributed or always_reduce:
+                grads, loss, ntoks = dist.reduce_step(grads, loss, ntoks, group, force=always_reduce)
             grads, norm = clip_by_global_norm(grads, clip)
             optimizer.update(model, grads)
             return loss, ntoks, norm
