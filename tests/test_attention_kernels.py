@@ -235,7 +235,11 @@ def test_gpu_kernel_forward_and_grads(monkeypatch, B, H, L, C, dz, dv, dtype):
     ref = reference(np.array(qr.astype(mx.float32)), np.array(kr.astype(mx.float32)), v, C)
     err_ref = rel(got.astype(mx.float32), ref)
     err_ops = rel(out, ops_out)
-    err_grads = {n: rel(a, b) for n, a, b in zip("qkv", grads, ops_grads)}
+    # Relative to the largest of the three gradients: with one visible key (L = 1 or a chunk's first
+    # row) dq and dk are exactly zero mathematically, and only rounding remains on either side.
+    scale = max(float(np.linalg.norm(np.asarray(g, np.float64))) for g in ops_grads)
+    err_grads = {n: float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))) / max(scale, 1e-30)
+                 for n, a, b in zip("qkv", grads, ops_grads)}
     print(f"\n[attn gpu] B={B} H={H} L={L} C={C} dz={dz} dv={dv} {dtype}: out vs f64 {err_ref:.2e}, "
           f"out vs ops {err_ops:.2e}, grads vs ops {', '.join(f'{n} {e:.2e}' for n, e in err_grads.items())}")
     # fp32: kernel exact to fp32 accumulation (1e-5 vs f64); the ops path's matmuls run in TF32 on
