@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Where a training step's time goes: forward+backward of each piece of one Megalodon layer, timed
+alone at the same shapes as the full step, next to the full step itself.
+
+    python benchmarks/train_profile.py --preset mega200M --seq-lens 4096,32768 --tokens-per-step 32768
+
+Each piece runs as ``mx.compile(mx.value_and_grad(...))`` over its own parameters and input, in the
+Trainer's dtypes (bf16 compute, float32 CEMA / norm parameters). Pieces of the attention block:
+TimestepNorm, CEMA, the projections and gates around them (everything in ``_gates`` but TimestepNorm
+and CEMA), chunk attention, the output projection; then the normalized FFN, a whole layer, the
+embedding + output head + cross entropy, and the optimizer update. "x layers" multiplies per-layer
+pieces by the layer count, so the column sums to an estimate of the step without the update.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlx_megalodon.config import preset  # noqa: E402
+from mlx_megalodon.mega import Model  # noqa: E402
+from mlx_megalodon.moving_average_gated_attention import chunk_attention  # noqa: E402
+from mlx_megalodon.train import DTYPES, cast_params  # noqa: E402
+from benchmarks.long_context import device_name  # noqa: E402
+
+
+def timed(fn, *args, repeats=5, warmup=2):
+    for _ in range(warmup):
+        mx.eval(fn(*args))
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        mx.eval(fn(*args))
+        times.append(time.perf_counter() - tic)
+    return float(np.median(times)) * 1e3
+
+
+def grad_of(module, f, inputs):
+    """compiled value_and_grad of sum(f(*inputs)) over module's parameters and every floating input
+    (as in a real step, where each piece also passes its input's gradient back)."""
+    def loss(params, *inputs):
+        module.update(params)
+        out = f(*inputs)
+        return sum(o.astype(mx.float32).sum() for o in (out if isinstance(out, tuple) else (out,)))
+    argnums = (0,) + tuple(1 + i for i, a in enumerate(inputs) if mx.issubdtype(a.dtype, mx.floating))
+    return mx.compile(mx.value_and_grad(loss, argnums=argnums))
+
+
+def profile(args, seq_len, rows, dtype_name):
+    dtype = DTYPES[dtype_name]
+    mx.random.seed(0)
+    model = Model(args)
+    model.update(cast_params(model.parameters(), dtype))
+    block = model.layers[0]
+    mega = block.mega
+    x = (mx.random.normal((rows, seq_len, args.model_dim)) * 0.5).astype(dtype)
+    out = {}
+
+    def piece(name, module, f, *inputs):
+        saved = module.parameters()
+        fn = grad_of(module, f, inputs)
+        out[name] = timed(fn, module.trainable_parameters(), *inputs)
+        module.update(saved)   # tracing left placeholders in the module
+        print(f"  {name:<28s} {out[name]:8.2f} ms", flush=True)
+
+    xn, _ = mega.timenorm(x)
+    (q, k, v), r, mx_, _, _ = mega._gates(x, None, None, False)
+    mx.eval(xn, q, k, v, r, mx_)
+    piece("timestep_norm", mega.timenorm, lambda a: mega.timenorm(a)[0], x)
+    piece("cema", mega.cema, lambda a: mega.cema(a)[0], xn)
+    piece("gates_total (norm+cema+proj)", mega, lambda a: mega._gates(a, None, None, False)[0], x)
+    piece("chunk_attention", mega, lambda a, b, c: chunk_attention(a, b, c, mega.chunk_size, mega._periods)[0],
+          q, k, v)
+    attn = chunk_attention(q, k, v, mega.chunk_size, mega._periods)[0]
+    piece("output_proj", mega, lambda a, c, d: mega._output(x, a, c, d), attn, r, mx_)
+    y = mega(x)
+    mx.eval(y)
+    piece("nffn", block.nffn, lambda a: block.nffn(a, x), y)
+    piece("layer", block, lambda a: block(a), x)
+
+    tokens = mx.array(np.random.default_rng(0).integers(0, args.vocab_size, (rows, seq_len)).astype(np.int32))
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.output = model.embed, model.output
+
+        def __call__(self, toks, h):
+            e = self.embed(toks)
+            logits = self.output(h + e.astype(h.dtype), self.embed)
+            return nn.losses.cross_entropy(logits.astype(mx.float32), toks, reduction="mean")
+
+    head = Head()
+    piece("embed+head+loss", head, lambda t, h: head(t, h), tokens, x)
+    n = args.num_layers
+    est = n * out["layer"] + out["embed+head+loss"]
+    out["estimate_step_ms"] = est
+    print(f"  {'= layers x ' + str(n) + ' + head':<28s} {est:8.2f} ms", flush=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="mega200M")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--seq-lens", default="4096,32768")
+    p.add_argument("--tokens-per-step", type=int, default=32768)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    args = preset(a.preset, **({} if a.layers is None else {"num_layers": a.layers}))
+    meta = {"device": device_name(), "mlx": mx.__version__, "model": a.preset, "dtype": a.dtype,
+            "command": "python " + " ".join(sys.argv)}
+    print(json.dumps(meta), flush=True)
+    results = []
+    for L in (int(s) for s in a.seq_lens.split(",")):
+        rows = max(1, a.tokens_per_step // L)
+        print(f"seq {L} x {rows} rows (fwd+bwd ms):", flush=True)
+        r = profile(args, L, rows, a.dtype)
+        results.append({"seq_len": L, "rows": rows, **r})
+        if a.out:
+            Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
