@@ -1,0 +1,598 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: mlx-megalodon, the PyTorch reference (eager and torch.compile),
+megalodon-jax and a matched Llama-style Transformer (MLX and PyTorch) on the same weights and inputs.
+
+    python benchmarks/peers.py --preset mega200M --out benchmarks/results/peers_h200
+    python benchmarks/peers.py --tiny --seq-lens 256,1024 --tokens-per-step 2048 --contexts 256,1K
+    python benchmarks/peers.py --report-only --out DIR [--merge DIR2 ...]
+
+One random-init Megalodon model is written once as an upstream checkpoint directory and every
+Megalodon system loads it through its own loader; one random Llama weight file feeds both Llama
+builds. Each system runs in its own process (``--worker``), so MLX, PyTorch and JAX never share a GPU
+allocator, and peak memory is per measurement.
+
+Correctness gate first: on one input longer than an attention chunk each system's logits, in
+float32 and in bf16 (bf16 weights and compute, CEMA/norms in float32), are compared with the float32
+logits of the family's reference (mlx-megalodon for Megalodon, the MLX Llama for Llama):
+max|diff| <= tol * max|reference logit| (``--gate-tol-fp32``, ``--gate-tol-bf16``). A system that fails
+is reported as failing and not measured.
+
+Then per system: training steps (forward, backward, clip, AdamW; float32 parameters, bf16 compute) at
+each ``--seq-lens`` with ``--tokens-per-step`` tokens per step; prefill and greedy decoding at each
+``--contexts`` with bf16 weights. Results go to ``--out``: ``systems/NAME.json`` per system (so runs
+split by ``--systems`` add up in one folder), ``peers.json``, ``peers.md`` and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import llama_baseline  # noqa: E402
+from benchmarks.peers_workers import FAMILY, ISOLATED, REFERENCE, SYSTEMS, worker_main  # noqa: E402
+from mlx_megalodon.config import ModelArgs, parameter_count, preset  # noqa: E402
+
+ALL_SYSTEMS = list(SYSTEMS)
+TINY = dict(num_layers=2, model_dim=128, z_dim=64, value_dim=256, num_heads=1, ffn_hidden_dim=256,
+            cema_ndim=16, chunk_size=128, norm_num_groups=8, vocab_size=4096)
+PAIRS = [("mlx", "llama_mlx"), ("torch_ref", "llama_torch"), ("torch_ref_compile", "llama_torch_compile")]
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """'4K' -> 4096, '1M' -> 1048576, '300' -> 300 (binary multiples, as sequence lengths are)."""
+    t = text.strip().upper()
+    mult = {"K": 1024, "M": 1024 ** 2}.get(t[-1:], 1)
+    digits = t[:-1] if mult > 1 else t
+    try:
+        value = int(float(digits) * mult)
+    except ValueError:
+        raise UsageError(f"cannot read '{text}' as a length (e.g. 4096, 4K, 128K)") from None
+    if value <= 0:
+        raise UsageError(f"lengths must be positive, got '{text}'")
+    return value
+
+
+def size_label(n: int) -> str:
+    if n % (1024 ** 2) == 0:
+        return f"{n // 1024 ** 2}M"
+    if n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
+# ============================================================================ settings
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="mega200M", help="Megalodon preset (default mega200M)")
+    g.add_argument("--tiny", action="store_true", help="a 2-layer, 128-dim model with chunk 128 for CPUs")
+    p.add_argument("--layers", type=int, default=None, help="override num_layers (both models)")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma list from {','.join(ALL_SYSTEMS)}")
+    p.add_argument("--seq-lens", default="4K,32K", help="training sequence lengths")
+    p.add_argument("--tokens-per-step", type=int, default=32768, help="tokens per training step (rows = this / seq len)")
+    p.add_argument("--contexts", default="4K,32K,128K", help="prefill/decode context lengths")
+    p.add_argument("--prefill-step", type=int, default=8192, help="tokens per prefill call for streaming systems")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="skip the remaining measurements after this many seconds")
+    p.add_argument("--gate-tol-fp32", type=float, default=5e-4)
+    p.add_argument("--gate-tol-bf16", type=float, default=2e-2)
+    p.add_argument("--llama-head-dim", type=int, default=64, choices=[64, 128])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="torch/jax device (MLX uses its default)")
+    p.add_argument("--out", default="benchmarks/results/peers", help="output folder")
+    p.add_argument("--merge", nargs="*", default=[], help="more output folders whose systems/*.json join the report")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from --out (and --merge) only")
+    p.add_argument("--gate-only", action="store_true", help="run the correctness gate only (a quick check)")
+    p.add_argument("--keep-weights", default=None, help="write the weights here and keep them (default: a temp dir)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--job-file", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def resolve(a) -> dict:
+    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise UsageError(f"--systems: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(ALL_SYSTEMS)})")
+    overrides = {} if a.layers is None else {"num_layers": a.layers}
+    if a.tiny:
+        mega = ModelArgs.from_dict({**TINY, **overrides})
+        model_name = "tiny"
+    else:
+        mega = preset(a.preset, **overrides)
+        model_name = a.preset + ("" if a.layers is None else f" ({a.layers} layers)")
+    seq_lens = [parse_size(s) for s in a.seq_lens.split(",")]
+    contexts = [parse_size(s) for s in a.contexts.split(",")]
+    for L in seq_lens:
+        if L > mega.chunk_size and L % mega.chunk_size:
+            raise UsageError(f"--seq-lens {L} must be at most chunk_size {mega.chunk_size} or a multiple of it")
+    for name, v in (("--tokens-per-step", a.tokens_per_step), ("--prefill-step", a.prefill_step),
+                    ("--decode-tokens", a.decode_tokens), ("--steps", a.steps)):
+        if v <= 0:
+            raise UsageError(f"{name} must be positive, got {v}")
+    if a.warmup < 1:
+        raise UsageError("--warmup must be at least 1 (the first step compiles)")
+    n_mega = parameter_count(mega)
+    llama = llama_baseline.matched_llama_args(mega, n_mega, head_dim=a.llama_head_dim if not a.tiny else 64)
+    return {"systems": systems, "model": model_name, "mega_args": mega.to_dict(), "mega_parameters": n_mega,
+            "llama_args": llama.to_dict(), "llama_parameters": llama_baseline.parameter_count(llama),
+            "seq_lens": seq_lens, "tokens_per_step": a.tokens_per_step, "contexts": contexts,
+            "prefill_step": a.prefill_step, "decode_tokens": a.decode_tokens, "steps": a.steps,
+            "warmup": a.warmup, "tol_fp32": a.gate_tol_fp32, "tol_bf16": a.gate_tol_bf16, "device": a.device,
+            "gate_only": a.gate_only}
+
+
+SETTINGS_KEYS = ("model", "mega_args", "llama_args", "tokens_per_step", "prefill_step", "decode_tokens",
+                 "tol_fp32", "tol_bf16")
+
+
+def settings_key(s: dict) -> str:
+    return json.dumps({k: s[k] for k in SETTINGS_KEYS}, sort_keys=True)
+
+
+# ============================================================================ weights
+def write_megalodon_weights(args: ModelArgs, directory: Path, seed: int = 0) -> None:
+    """The model's own random init (torch_ref.Mega), with the zero-initialized norm scales, Q/K
+    affine and biases given small random values so that the gate exercises them, saved once as an
+    upstream checkpoint directory (mlx_megalodon.checkpoint.write_upstream_dir)."""
+    import torch
+    from mlx_megalodon.checkpoint import write_upstream_dir
+    from torch_ref import Mega
+    torch.manual_seed(seed)
+    model = Mega(args)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.endswith("mega.gamma") or name.endswith("mega.beta"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    sd = model.state_dict()
+    write_upstream_dir(directory, args, sd, None)
+
+
+def write_gate_tokens(path: Path, vocab: int, length: int, seed: int) -> None:
+    np.save(path, np.random.default_rng(seed).integers(0, vocab, size=(1, length)).astype(np.int32))
+
+
+# ============================================================================ orchestration
+def read_records(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# MLX runs float32 matmuls as TF32 on CUDA unless told otherwise: its gate runs in full float32, in a
+# process of its own so that the measured runs keep MLX's defaults.
+GATE_ENV = {"mlx": {"MLX_ENABLE_TF32": "0"}}
+
+
+def run_worker(name: str, job: dict, jobs: List[str], work: Path, log_dir: Path, deadline: float,
+               extra_env: Optional[dict] = None) -> List[dict]:
+    """One worker process for ``jobs``; returns its records, with a record for a job it died in."""
+    result_file = work / f"{name}-{time.time_ns()}.jsonl"
+    job_file = work / f"{name}-job.json"
+    job_file.write_text(json.dumps({**job, "jobs": jobs, "result_file": str(result_file), "deadline": deadline}))
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **(extra_env or {}))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    timeout = max(30.0, deadline - time.time() + 90.0)    # the worker stops itself at the deadline
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--job-file", str(job_file)]
+    with open(log_dir / f"{name}.log", "a") as log:
+        log.write(f"\n=== {' '.join(jobs)}\n")
+        log.flush()
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=str(ROOT))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    records = read_records(result_file)
+    done = {r["job"] for r in records}
+    if rc != 0:
+        tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-3:]
+        missing = [j for j in ["setup"] + jobs if j not in done]
+        if missing:
+            reason = "worker timed out" if rc == "timeout" else f"worker died (exit {rc}): {' | '.join(tail)[-300:]}"
+            records.append({"job": missing[0], "status": "error", "reason": reason})
+    return records
+
+
+def run_system(name: str, job: dict, settings: dict, work: Path, log_dir: Path, deadline: float) -> dict:
+    jobs = ["gate"]
+    if not settings.get("gate_only"):
+        jobs += [f"train:{L}" for L in settings["seq_lens"]] + [f"infer:{c}" for c in settings["contexts"]]
+    gate_env = GATE_ENV.get(SYSTEMS[name][0].framework)
+    result = {"system": name, "family": FAMILY[name], "settings": settings, "settings_key": settings_key(settings),
+              "records": {}}
+    pending = list(jobs)
+    while pending:
+        if time.time() > deadline:
+            for j in pending:
+                result["records"][j] = {"job": j, "status": "skipped", "reason": "time budget exhausted"}
+            break
+        batch = pending[:1] if name in ISOLATED or (gate_env and pending[0] == "gate") else pending
+        records = run_worker(name, job, batch, work, log_dir, deadline, gate_env if batch == ["gate"] else None)
+        for r in records:
+            if r["job"] == "setup":
+                if "setup" not in result or r["status"] == "ok":
+                    result["setup"] = r
+                if r["status"] != "ok":
+                    for j in pending:
+                        result["records"][j] = {"job": j, "status": "skipped", "reason": f"setup {r['status']}: "
+                                                f"{r.get('reason', '')}"}
+                    return result
+            else:
+                result["records"][r["job"]] = r
+        pending = [j for j in pending if j not in result["records"]]
+        gate = result["records"].get("gate")
+        if gate is not None and not (gate["status"] == "ok" and gate.get("passed")):
+            why = "gate failed" if gate["status"] == "ok" else f"gate {gate['status']}"
+            for j in pending:
+                result["records"][j] = {"job": j, "status": "skipped", "reason": f"{why}: not measured"}
+            break
+        if not records:   # nothing came back at all: do not loop
+            for j in pending:
+                result["records"][j] = {"job": j, "status": "error", "reason": "worker produced no output"}
+            break
+    return result
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info["cpu_count"] = os.cpu_count()
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        info["gpu"] = gpu or None
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = None
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for pkg in ("mlx", "mlx-cuda", "torch", "jax", "jaxlib", "equinox", "megalodon-jax", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    info["versions"] = versions
+    return info
+
+
+def run(a, settings: dict) -> Path:
+    out = Path(a.out)
+    (out / "systems").mkdir(parents=True, exist_ok=True)
+    log_dir = out / "logs"
+    log_dir.mkdir(exist_ok=True)
+    start = time.time()
+    deadline = start + a.budget_s
+    weights = Path(a.keep_weights) if a.keep_weights else Path(tempfile.mkdtemp(prefix="peers-weights-"))
+    weights.mkdir(parents=True, exist_ok=True)
+    try:
+        mega = ModelArgs.from_dict(settings["mega_args"])
+        llama = llama_baseline.LlamaArgs(**settings["llama_args"])
+        families = {FAMILY[s] for s in settings["systems"]}
+        tic = time.perf_counter()
+        job = {k: settings[k] for k in ("tokens_per_step", "prefill_step", "decode_tokens", "steps", "warmup",
+                                       "tol_fp32", "tol_bf16", "device")}
+        job["llama_args"] = settings["llama_args"]
+        gate_len = mega.chunk_size + mega.chunk_size // 4         # crosses one chunk boundary
+        job["gate_tokens"], job["gate_reference"] = {}, {}
+        for fam in ("megalodon", "llama"):
+            job["gate_tokens"][fam] = str(weights / f"gate_tokens_{fam}.npy")
+            job["gate_reference"][fam] = str(weights / f"gate_reference_{fam}.npy")
+            write_gate_tokens(Path(job["gate_tokens"][fam]), mega.vocab_size, gate_len, seed=7)
+        if "megalodon" in families:
+            job["megalodon_dir"] = str(weights / "megalodon_upstream")
+            if not (weights / "megalodon_upstream" / "consolidated.pth").exists():
+                write_megalodon_weights(mega, weights / "megalodon_upstream")
+        if "llama" in families:
+            job["llama_weights"] = str(weights / "llama.npz")
+            if not Path(job["llama_weights"]).exists():
+                llama_baseline.save_weights(job["llama_weights"], llama_baseline.random_weights(llama))
+        print(f"weights written in {time.perf_counter() - tic:.1f} s ({weights})", flush=True)
+        order = []
+        for fam in ("megalodon", "llama"):       # each family's reference first: it writes the gate logits
+            chosen = [s for s in settings["systems"] if FAMILY[s] == fam]
+            if chosen:
+                ref = REFERENCE[fam]
+                if ref not in chosen:
+                    order.append((ref, True))
+                order += [(s, False) for s in sorted(chosen, key=lambda s: s != ref)]
+        work = weights / "work"
+        work.mkdir(exist_ok=True)
+        for name, reference_only in order:
+            tic = time.time()
+            if reference_only:
+                print(f"[{name}] reference logits for the gate", flush=True)
+                recs = run_worker(name, job, ["gate"], work, log_dir, deadline, GATE_ENV.get(SYSTEMS[name][0].framework))
+                ok = any(r["job"] == "gate" and r.get("passed") for r in recs)
+                print(f"[{name}] reference {'written' if ok else 'FAILED: ' + str(recs[-1:])}", flush=True)
+                continue
+            print(f"[{name}] running", flush=True)
+            res = run_system(name, job, settings, work, log_dir, deadline)
+            res["wall_s"] = time.time() - tic
+            (out / "systems" / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+            print(f"[{name}] done in {res['wall_s']:.0f} s: " + ", ".join(
+                f"{j}={r['status']}" for j, r in res["records"].items()), flush=True)
+    finally:
+        if not a.keep_weights:
+            shutil.rmtree(weights, ignore_errors=True)
+    meta = {"machine": machine_info(), "command": "python " + " ".join(sys.argv), "total_wall_s": time.time() - start,
+            "budget_s": a.budget_s}
+    (out / "run_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+# ============================================================================ report
+def load_systems(dirs: List[Path]) -> Dict[str, dict]:
+    """Every system's result in ``dirs``; where two folders hold one system, the first folder's wins."""
+    found: Dict[str, dict] = {}
+    for d in reversed(dirs):
+        for f in sorted((Path(d) / "systems").glob("*.json")):
+            r = json.loads(f.read_text())
+            r["_from"] = str(d)
+            found[r["system"]] = r
+    return found
+
+
+def _rec(sysres: Optional[dict], job: str) -> Optional[dict]:
+    if sysres is None:
+        return None
+    r = sysres["records"].get(job)
+    return r if r and r.get("status") == "ok" else None
+
+
+def cell(sysres: Optional[dict], job: str, key: str, fmt: str = "{:,.0f}") -> str:
+    if sysres is None:
+        return "–"
+    r = sysres["records"].get(job)
+    if r is None:
+        return "–"
+    if r["status"] != "ok":
+        reason = r.get("reason", "")
+        if r["status"] == "skipped":
+            return "skipped (budget)" if "budget" in reason else ("gate failed" if "gate failed" in reason else "skipped")
+        if r["status"] == "n/a":
+            return "n/a"
+        short = reason.split(":")[0] if "out of memory" not in reason.lower() else "OOM"
+        return f"error ({short})"
+    v = r.get(key)
+    return "–" if v is None else fmt.format(v)
+
+
+GBF = "{:.3g}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def tok_s(sysres, L) -> Optional[float]:
+    r = _rec(sysres, f"train:{L}")
+    return None if r is None else r["tokens_per_s"]
+
+
+def build_report(dirs: List[Path], out: Path) -> str:
+    systems = load_systems(dirs)
+    if not systems:
+        raise UsageError(f"no systems/*.json under {', '.join(map(str, dirs))}")
+    meta_file = out / "run_meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"machine": machine_info()}
+    # the newest settings decide; systems measured under other settings are listed apart
+    primary = [r for r in systems.values() if Path(r["_from"]) == Path(dirs[0])] or list(systems.values())
+    ref_key = primary[0]["settings_key"]
+    settings = next(r["settings"] for r in systems.values() if r["settings_key"] == ref_key)
+    mismatched = sorted(n for n, r in systems.items() if r["settings_key"] != ref_key)
+    systems = {n: r for n, r in systems.items() if r["settings_key"] == ref_key}
+    names = [n for n in ALL_SYSTEMS if n in systems]
+    seq, ctx = settings["seq_lens"], settings["contexts"]
+    tps = settings["tokens_per_step"]
+
+    lines = [f"### Peers: {settings['model']} Megalodon ({settings['mega_parameters'] / 1e6:.1f}M parameters) vs "
+             f"a Llama-style Transformer ({settings['llama_parameters'] / 1e6:.1f}M)", ""]
+    m = meta["machine"]
+    lines.append(f"Machine: {m.get('gpu') or 'no GPU'}; CPU {m.get('cpu')} ({m.get('cpu_count')} cores); "
+                 f"{m.get('platform')}; Python {m.get('python')}.  ")
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + ".  ")
+    lines.append(f"Command: `{meta.get('command', '?')}`" + (f" (plus {', '.join(map(str, dirs[1:]))} merged)"
+                                                            if len(dirs) > 1 else ""))
+    lines.append("")
+    lla = settings["llama_args"]
+    lines.append(f"Llama baseline: {lla['num_layers']} layers, dim {lla['model_dim']}, {lla['num_heads']} heads "
+                 f"of {lla['model_dim'] // lla['num_heads']}, SwiGLU {lla['ffn_hidden_dim']}, untied embeddings. "
+                 f"Training: {tps:,} tokens per step, float32 parameters, bf16 compute, AdamW + clip 1.0, median of "
+                 f"{settings['steps']} steps after {settings['warmup']} warm-up steps. Inference: bf16 weights (CEMA and "
+                 f"norms float32), greedy decoding of {settings['decode_tokens']} tokens, batch 1. Gate: "
+                 f"max|diff| <= {settings['tol_fp32']:g} (float32) / {settings['tol_bf16']:g} (bf16) x max|logit| of the "
+                 f"family reference's float32 logits.")
+    lines.append("")
+
+    # --- gate + training
+    head = ["system", "device", "gate fp32", "gate bf16"]
+    for L in seq:
+        head += [f"train {size_label(L)}x{max(1, tps // L)} tok/s", "peak GB", "compile s"]
+    if len(seq) >= 2:
+        head.append(f"{size_label(seq[-1])}/{size_label(seq[0])}")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        r = systems[n]
+        dev = (r.get("setup") or {}).get("versions", {}).get("device") or (r.get("setup") or {}).get("reason", "?")
+        g = r["records"].get("gate", {})
+        def gcell(prec):
+            if g.get("status") != "ok" or prec not in g:
+                return g.get("reason", "–")[:60] if g else "–"
+            e = g[prec]
+            return f"{'pass' if e['passed'] else '**FAIL**'} {e['relative']:.1e}"
+        row = [n, dev[:40], gcell("float32"), gcell("bfloat16")]
+        for L in seq:
+            row += [cell(r, f"train:{L}", "tokens_per_s"), cell(r, f"train:{L}", "peak_memory_gb", GBF),
+                    cell(r, f"train:{L}", "compile_s", "{:.1f}")]
+        if len(seq) >= 2:
+            q = ratio(tok_s(r, seq[-1]), tok_s(r, seq[0]))
+            row.append("–" if q is None else f"{q:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+
+    # --- inference
+    head = ["system", "prefill"] + [f"prefill tok/s {size_label(c)}" for c in ctx] + \
+           [f"decode tok/s {size_label(c)}" for c in ctx]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        r = systems[n]
+        mode = next((rec.get("prefill_mode") for j, rec in r["records"].items()
+                     if j.startswith("infer") and rec.get("status") == "ok"), "–")
+        row = [n, mode] + [cell(r, f"infer:{c}", "prefill_tokens_per_s") for c in ctx] + \
+              [cell(r, f"infer:{c}", "decode_tokens_per_s", "{:,.1f}") for c in ctx]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    head = ["system", "decode memory"] + [f"decode GB {size_label(c)}" for c in ctx] + \
+           [f"prefill peak GB {size_label(c)}" for c in ctx]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        r = systems[n]
+        kind = next((rec.get("decode_memory_kind") for j, rec in r["records"].items()
+                     if j.startswith("infer") and rec.get("status") == "ok"), "–")
+        row = [n, kind] + [cell(r, f"infer:{c}", "decode_peak_memory_gb", GBF) for c in ctx] + \
+              [cell(r, f"infer:{c}", "prefill_peak_memory_gb", GBF) for c in ctx]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+
+    # --- the paper's claim and the issue's targets
+    claims, head = [], ["Megalodon", "Transformer"] + [f"ratio at {size_label(L)}" for L in seq]
+    lines += ["Megalodon / Transformer training throughput (the paper's 7B: 0.94x at 4K, 1.32x at 32K):", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mega_name, llama_name in PAIRS:
+        if mega_name in systems or llama_name in systems:
+            vals = [ratio(tok_s(systems.get(mega_name), L), tok_s(systems.get(llama_name), L)) for L in seq]
+            claims.append({"megalodon": mega_name, "transformer": llama_name,
+                           "ratios": {str(L): v for L, v in zip(seq, vals)}})
+            lines.append("| " + " | ".join([mega_name, llama_name] + ["–" if v is None else f"{v:.2f}x"
+                                                                      for v in vals]) + " |")
+    lines.append("")
+    targets = []
+    mlx = systems.get("mlx")
+    for L in seq:
+        for other, goal in (("jax", 1.5), ("torch_ref", 1.25), ("torch_ref_compile", 1.25)):
+            targets.append((f"mlx / {other} training at {size_label(L)}", ratio(tok_s(mlx, L), tok_s(systems.get(other), L)), goal))
+    if len(seq) >= 2:
+        targets.append((f"mlx {size_label(seq[-1])} / {size_label(seq[0])} training", ratio(tok_s(mlx, seq[-1]), tok_s(mlx, seq[0])), 0.94))
+    for L, goal in zip(seq, (0.94, 1.32)):
+        targets.append((f"mlx / llama_mlx training at {size_label(L)}", ratio(tok_s(mlx, L), tok_s(systems.get("llama_mlx"), L)), goal))
+    lines += ["Issue targets:", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for what, v, goal in targets:
+        lines.append(f"| {what} | {'–' if v is None else f'{v:.2f}x'} | >= {goal}x | "
+                     f"{'–' if v is None else ('yes' if v >= goal else 'no')} |")
+    lines.append("")
+    notes = []
+    for n in names:
+        for j, rec in systems[n]["records"].items():
+            if rec.get("status") in ("error", "skipped") and "gate failed" not in rec.get("reason", ""):
+                notes.append(f"- {n} {j}: {rec['status']}: {rec.get('reason', '')}")
+    if mismatched:
+        notes.append(f"- left out (measured with other settings): {', '.join(mismatched)}")
+    if notes:
+        lines += ["Notes:", ""] + notes + [""]
+    md = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.md").write_text(md + "\n")
+    (out / "peers.json").write_text(json.dumps({"meta": meta, "settings": settings, "systems": systems,
+                                                "claims": claims,
+                                                "targets": [{"what": w, "value": v, "goal": g} for w, v, g in targets]},
+                                               indent=1) + "\n")
+    try:
+        plot(systems, names, settings, out)
+    except ImportError as e:
+        print(f"(no plots: {e})", file=sys.stderr)
+    return md
+
+
+def plot(systems, names, settings, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    seq, ctx = settings["seq_lens"], settings["contexts"]
+    title = f"{settings['model']} ({settings['mega_parameters'] / 1e6:.0f}M) vs Llama ({settings['llama_parameters'] / 1e6:.0f}M)"
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 3.8))
+    width = 0.8 / max(1, len(seq))
+    for i, L in enumerate(seq):
+        vals = [tok_s(systems[n], L) or 0 for n in names]
+        ax.bar(np.arange(len(names)) + (i - (len(seq) - 1) / 2) * width, vals, width,
+               label=f"{size_label(L)} x {max(1, settings['tokens_per_step'] // L)}")
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels(names, rotation=20, ha="right")
+    ax.set_ylabel("training tokens/s")
+    ax.set_title(f"Training throughput, {title}")
+    ax.legend(title="seq len x rows")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "peers_train.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for n in names:
+        for ax, key in zip(axes, ["decode_peak_memory_gb", "prefill_tokens_per_s", "decode_tokens_per_s"]):
+            pts = [(c, _rec(systems[n], f"infer:{c}")) for c in ctx]
+            pts = [(c, r[key]) for c, r in pts if r is not None and r.get(key) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+    for ax, label in zip(axes, ["decode memory (GB)", "prefill tokens/s", "decode tokens/s"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Inference, {title}")
+    fig.tight_layout()
+    fig.savefig(out / "peers_inference.png", dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================ main
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.worker:
+        if a.worker not in SYSTEMS or not a.job_file:
+            p.error("--worker needs a known system and --job-file")
+        return worker_main(a.worker, a.job_file)
+    try:
+        out = Path(a.out)
+        if not a.report_only:
+            settings = resolve(a)
+            print(json.dumps({k: settings[k] for k in ("systems", "model", "mega_parameters", "llama_parameters",
+                                                       "seq_lens", "tokens_per_step", "contexts")}), flush=True)
+            run(a, settings)
+        md = build_report([out] + [Path(d) for d in a.merge], out)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(md)
+    print(f"\nwritten: {out / 'peers.md'}, {out / 'peers.json'}, {out / 'peers_train.png'}, {out / 'peers_inference.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
