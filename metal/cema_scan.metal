@@ -32,6 +32,15 @@ inline float mgk_group_sum(float v) {
   return v;
 }
 
+// Max over W adjacent lanes of one simdgroup, aligned as in mgk_group_sum.
+template <int W>
+inline float mgk_group_max(float v) {
+  for (ushort m = 1; m < (ushort)W; m <<= 1) {
+    v = metal::max(v, simd_shuffle_xor(v, m));
+  }
+  return v;
+}
+
 struct MgkC {
   float r;
   float i;

@@ -39,12 +39,31 @@ __device__ __forceinline__ float mgk_group_sum(float v) {
   return v;
 }
 
+// Max over W adjacent lanes of one warp, aligned as in mgk_group_sum.
+template <int W>
+__device__ __forceinline__ float mgk_group_max(float v) {
+  if (W > 1) {
+    const unsigned int lane = threadIdx.x & 31u;
+    const unsigned int mask =
+        (W >= 32) ? 0xffffffffu : (((1u << (W & 31)) - 1u) << (lane & ~(unsigned int)(W - 1)));
+    for (int m = 1; m < W; m <<= 1) {
+      v = fmaxf(v, __shfl_xor_sync(mask, v, m));
+    }
+  }
+  return v;
+}
+
 // Keys (or queries) handled per loop trip: independent dot products and loads in flight.
 #define MGK_ATT_KB 4
 // The backward kernels hold more per-lane arrays: fewer rows per trip keeps them in registers
 // (dK/dV keeps a query row's dO in registers between its two uses).
 #define MGK_ATT_KB_DQ 2
 #define MGK_ATT_KB_DKV 1
+// Decode: keys per trip of a split (their key and value loads all in flight at once: 8 keys with
+// 8 value columns per lane take ~140 registers on sm_90, 4 keys above 16 columns keep it under
+// 255), and splits per trip of a combine lane.
+#define MGK_ATT_KB_DEC(nv) (((nv) >= 16) ? 4 : 8)
+#define MGK_ATT_CU 4
 // Start of the running max: finite, so exp(start - s) is exactly 0 and never NaN.
 #define MGK_ATT_NEG (-3.0e38f)
 
@@ -404,30 +423,47 @@ __global__ void attn_decode_part(
     const T* values,
     const int* pos,
     const int* params,
-    float* part) {
+    float* part_acc,
+    float* part_stat) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
 // inputs: q (T, R x DZ), keys (T, R x C x DZ), values (T, R x C x DV), pos (int32, 1), params
-// output: part (float32, R x NS x (DV + 2)): per split [max score, sum of exp, DV accumulators]
-//         (a split with no visible key writes max = MGK_ATT_NEG, sum 0, zeros)
+// outputs: part_acc (float32, R x NS x DV): per split, sum_j exp(s_j - max) v_j over its keys;
+//          part_stat (float32, R x NS x 2): per split [max score, sum of exp]
+//          Written only for the splits holding a visible key (split <= last / KPS), the ones the
+//          combine reads.
+// A group owns (row r, key split, value column slice): keys split * KPS ..< + KPS and value
+// columns slice * VS ..< + VS (VS <= W * NV; lane `lane` owns columns lane, lane + W, ... of the
+// slice). Every slice of a split recomputes the split's scores: DZ multiply-adds per key, cheap
+// next to reading the key's VS value columns, and it is what lets the value columns (DV = 2048:
+// most of the bytes) spread over many groups, enough to keep the memory system busy when one
+// query row is all there is.
 const int R = params[0];
 const int C = params[2];
 const int DZ = params[3];
 const int DV = params[4];
 const int NS = params[5];
 const int KPS = params[6];
-if (tid >= (unsigned int)(R * NS) * (unsigned int)W) {
+const int VS = params[7];
+const int NSL = (DV + VS - 1) / VS;  // column slices
+if (tid >= (unsigned int)(R * NS * NSL) * (unsigned int)W) {
   return;
 }
 const int lane = (int)(tid % (unsigned int)W);
 const unsigned int g = tid / (unsigned int)W;
-const int split = (int)(g % (unsigned int)NS);
-const unsigned int r = g / (unsigned int)NS;
+const int slice = (int)(g % (unsigned int)NSL);
+const unsigned int rs = g / (unsigned int)NSL;  // r * NS + split
+const int split = (int)(rs % (unsigned int)NS);
+const unsigned int r = rs / (unsigned int)NS;
 const int p0 = pos[0];
 const int last = (p0 < 0) ? 0 : ((p0 >= C) ? C - 1 : p0);  // last visible key
 const int kbeg = split * KPS;
-const int kend = (kbeg + KPS <= last + 1) ? kbeg + KPS : last + 1;  // may be <= kbeg: nothing
+if (kbeg > last) {
+  return;  // the whole group: nothing visible in this split
+}
+const int kend = (kbeg + KPS <= last + 1) ? kbeg + KPS : last + 1;
+const int cb = slice * VS;
 const mgk_idx zb = (mgk_idx)r * (mgk_idx)C * (mgk_idx)DZ;
-const mgk_idx vb = (mgk_idx)r * (mgk_idx)C * (mgk_idx)DV;
+const mgk_idx vb = (mgk_idx)r * (mgk_idx)C * (mgk_idx)DV + (mgk_idx)cb;
 
 float qv[NZ];
 MGK_UNROLL_ALL
@@ -442,12 +478,27 @@ for (int m = 0; m < NV; ++m) {
 }
 float run_max = MGK_ATT_NEG;
 float run_sum = 0.0f;
-for (int j = kbeg; j < kend; j += MGK_ATT_KB) {
-  int jr[MGK_ATT_KB];
-  float s[MGK_ATT_KB];
+constexpr int KBD = MGK_ATT_KB_DEC(NV);
+for (int j = kbeg; j < kend; j += KBD) {
+  int jr[KBD];
   MGK_UNROLL_ALL
-  for (int u = 0; u < MGK_ATT_KB; ++u) {
-    jr[u] = (j + u < kend) ? j + u : kend - 1;
+  for (int u = 0; u < KBD; ++u) {
+    jr[u] = (j + u < kend) ? j + u : kend - 1;  // past the split's last key: re-read it, weight 0
+  }
+  // The value rows do not depend on the scores: load them first, so that they are in flight
+  // together with the key rows (one memory round trip per trip, not two).
+  float vx[KBD][NV];
+  MGK_UNROLL_ALL
+  for (int u = 0; u < KBD; ++u) {
+    MGK_UNROLL_ALL
+    for (int m = 0; m < NV; ++m) {
+      const int c = lane + W * m;
+      vx[u][m] = (c < VS && cb + c < DV) ? mgk_load(values[vb + (mgk_idx)jr[u] * (mgk_idx)DV + (mgk_idx)c]) : 0.0f;
+    }
+  }
+  float s[KBD];
+  MGK_UNROLL_ALL
+  for (int u = 0; u < KBD; ++u) {
     const mgk_idx kb = zb + (mgk_idx)jr[u] * (mgk_idx)DZ;
     float part_dot = 0.0f;
     MGK_UNROLL_ALL
@@ -461,14 +512,14 @@ for (int j = kbeg; j < kend; j += MGK_ATT_KB) {
   }
   float smax = MGK_ATT_NEG;
   MGK_UNROLL_ALL
-  for (int u = 0; u < MGK_ATT_KB; ++u) {
+  for (int u = 0; u < KBD; ++u) {
     s[u] = mgk_group_sum<W>(s[u]);
     if (j + u >= kend) {
       s[u] = MGK_ATT_NEG;
     }
     smax = (s[u] > smax) ? s[u] : smax;
   }
-  if (smax > run_max) {
+  if (smax > run_max) {  // uniform over the group
     const float f = MGK_EXP(run_max - smax);
     run_sum *= f;
     MGK_UNROLL_ALL
@@ -477,77 +528,118 @@ for (int j = kbeg; j < kend; j += MGK_ATT_KB) {
     }
     run_max = smax;
   }
-  float p[MGK_ATT_KB];
+  float p[KBD];
   MGK_UNROLL_ALL
-  for (int u = 0; u < MGK_ATT_KB; ++u) {
+  for (int u = 0; u < KBD; ++u) {
     p[u] = MGK_EXP(s[u] - run_max);
     run_sum += p[u];
   }
   MGK_UNROLL_ALL
   for (int m = 0; m < NV; ++m) {
-    const int c = lane + W * m;
-    if (c < DV) {
-      float a = acc[m];
-      MGK_UNROLL_ALL
-      for (int u = 0; u < MGK_ATT_KB; ++u) {
-        a += p[u] * mgk_load(values[vb + (mgk_idx)jr[u] * (mgk_idx)DV + (mgk_idx)c]);
-      }
-      acc[m] = a;
+    float a = acc[m];
+    MGK_UNROLL_ALL
+    for (int u = 0; u < KBD; ++u) {
+      a += p[u] * vx[u][m];
     }
+    acc[m] = a;
   }
 }
-const mgk_idx pb = (mgk_idx)g * (mgk_idx)(DV + 2);
+const mgk_idx pb = (mgk_idx)rs * (mgk_idx)DV + (mgk_idx)cb;
 MGK_UNROLL_ALL
 for (int m = 0; m < NV; ++m) {
   const int c = lane + W * m;
-  if (c < DV) {
-    part[pb + 2 + (mgk_idx)c] = acc[m];
+  if (c < VS && cb + c < DV) {
+    part_acc[pb + (mgk_idx)c] = acc[m];
   }
 }
-if (lane == 0) {
-  part[pb] = run_max;
-  part[pb + 1] = run_sum;
+if (slice == 0 && lane == 0) {
+  part_stat[(mgk_idx)rs * 2] = run_max;
+  part_stat[(mgk_idx)rs * 2 + 1] = run_sum;
 }
 }
-template __global__ void attn_decode_part<float, 32, 8, 64>(const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void attn_decode_part<__nv_bfloat16, 32, 8, 64>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, const int*, const int*, float*);
-template __global__ void attn_decode_part<__half, 32, 8, 64>(const __half*, const __half*, const __half*, const int*, const int*, float*);
+template __global__ void attn_decode_part<float, 32, 8, 8>(const float*, const float*, const float*, const int*, const int*, float*, float*);
+template __global__ void attn_decode_part<__nv_bfloat16, 32, 8, 8>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, const int*, const int*, float*, float*);
+template __global__ void attn_decode_part<__half, 32, 8, 8>(const __half*, const __half*, const __half*, const int*, const int*, float*, float*);
 
 // ---- kernel attn_decode_combine
-template <typename T>
+template <typename T, int SL>
 __global__ void attn_decode_combine(
-    const float* part,
+    const float* part_acc,
+    const float* part_stat,
+    const int* pos,
     const int* params,
     T* o) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
-// inputs: part (float32, R x NS x (DV + 2)), params
+// inputs: part_acc (float32, R x NS x DV), part_stat (float32, R x NS x 2), pos (int32, 1), params
 // output: o (T, R x DV)
+// SL adjacent lanes per (row, value column) (a power of two <= 32; 1 on the CPU): lane `sl` merges
+// the splits sl, sl + SL, ... with a running max, MGK_ATT_CU of them per trip (independent loads
+// in flight), then the SL lanes merge their (max, sum, numerator). A warp's load touches SL split
+// rows of 32 / SL adjacent columns.
 const int R = params[0];
+const int C = params[2];
 const int DV = params[4];
 const int NS = params[5];
-if (tid >= (unsigned int)(R * DV)) {
+const int KPS = params[6];
+if (tid >= (unsigned int)(R * DV) * (unsigned int)SL) {
   return;
 }
-const int c = (int)(tid % (unsigned int)DV);
-const unsigned int r = tid / (unsigned int)DV;
-const mgk_idx rb = (mgk_idx)r * (mgk_idx)NS * (mgk_idx)(DV + 2);
-float top = MGK_ATT_NEG;
-for (int s = 0; s < NS; ++s) {
-  const float ms = part[rb + (mgk_idx)s * (mgk_idx)(DV + 2)];
-  top = (ms > top) ? ms : top;
-}
-float num = 0.0f;
+const int sl = (int)(tid % (unsigned int)SL);
+const unsigned int oc = tid / (unsigned int)SL;  // r * DV + c
+const int c = (int)(oc % (unsigned int)DV);
+const unsigned int r = oc / (unsigned int)DV;
+const int p0 = pos[0];
+const int last = (p0 < 0) ? 0 : ((p0 >= C) ? C - 1 : p0);
+const int nact = last / KPS + 1;  // splits holding a visible key (<= NS)
+const mgk_idx sb = (mgk_idx)r * (mgk_idx)NS;
+float run_max = MGK_ATT_NEG;
 float den = 0.0f;
-for (int s = 0; s < NS; ++s) {
-  const mgk_idx sb = rb + (mgk_idx)s * (mgk_idx)(DV + 2);
-  const float f = MGK_EXP(part[sb] - top);  // 0 for an empty split
-  den += f * part[sb + 1];
-  num += f * part[sb + 2 + (mgk_idx)c];
+float num = 0.0f;
+for (int s0 = sl; s0 < nact; s0 += SL * MGK_ATT_CU) {
+  float ms[MGK_ATT_CU];
+  float ss[MGK_ATT_CU];
+  float as[MGK_ATT_CU];
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_ATT_CU; ++u) {
+    const int s = s0 + SL * u;
+    const mgk_idx si = sb + (mgk_idx)((s < nact) ? s : s0);
+    ms[u] = part_stat[si * 2];
+    ss[u] = part_stat[si * 2 + 1];
+    as[u] = part_acc[si * (mgk_idx)DV + (mgk_idx)c];
+    if (s >= nact) {
+      ms[u] = MGK_ATT_NEG;
+      ss[u] = 0.0f;
+      as[u] = 0.0f;
+    }
+  }
+  float bmax = run_max;
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_ATT_CU; ++u) {
+    bmax = (ms[u] > bmax) ? ms[u] : bmax;
+  }
+  if (bmax > run_max) {
+    const float f = MGK_EXP(run_max - bmax);
+    den *= f;
+    num *= f;
+    run_max = bmax;
+  }
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_ATT_CU; ++u) {
+    const float f = MGK_EXP(ms[u] - run_max);  // 0 for a slot past the last split
+    den += f * ss[u];
+    num += f * as[u];
+  }
 }
-o[tid] = mgk_cast<T>(num / den);
+const float top = mgk_group_max<SL>(run_max);
+const float f = MGK_EXP(run_max - top);  // 0 for a lane that merged no split
+den = mgk_group_sum<SL>(den * f);
+num = mgk_group_sum<SL>(num * f);
+if (sl == 0) {
+  o[oc] = mgk_cast<T>(num / den);
 }
-template __global__ void attn_decode_combine<float>(const float*, const int*, float*);
-template __global__ void attn_decode_combine<__nv_bfloat16>(const float*, const int*, __nv_bfloat16*);
-template __global__ void attn_decode_combine<__half>(const float*, const int*, __half*);
+}
+template __global__ void attn_decode_combine<float, 4>(const float*, const float*, const int*, const int*, float*);
+template __global__ void attn_decode_combine<__nv_bfloat16, 4>(const float*, const float*, const int*, const int*, __nv_bfloat16*);
+template __global__ void attn_decode_combine<__half, 4>(const float*, const float*, const int*, const int*, __half*);
 
 }  // namespace mlx::core::cu

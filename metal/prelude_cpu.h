@@ -22,5 +22,11 @@ static inline float mgk_group_sum(float v) {
   return v;
 }
 
+template <int W>
+static inline float mgk_group_max(float v) {
+  static_assert(W == 1, "the CPU emulation runs one lane per (b, d)");
+  return v;
+}
+
 //@ entry
 const unsigned int tid = mgk_cpu_tid;

@@ -35,5 +35,19 @@ __device__ __forceinline__ float mgk_group_sum(float v) {
   return v;
 }
 
+// Max over W adjacent lanes of one warp, aligned as in mgk_group_sum.
+template <int W>
+__device__ __forceinline__ float mgk_group_max(float v) {
+  if (W > 1) {
+    const unsigned int lane = threadIdx.x & 31u;
+    const unsigned int mask =
+        (W >= 32) ? 0xffffffffu : (((1u << (W & 31)) - 1u) << (lane & ~(unsigned int)(W - 1)));
+    for (int m = 1; m < W; m <<= 1) {
+      v = fmaxf(v, __shfl_xor_sync(mask, v, m));
+    }
+  }
+  return v;
+}
+
 //@ entry
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;

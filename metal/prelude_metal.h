@@ -31,5 +31,14 @@ inline float mgk_group_sum(float v) {
   return v;
 }
 
+// Max over W adjacent lanes of one simdgroup, aligned as in mgk_group_sum.
+template <int W>
+inline float mgk_group_max(float v) {
+  for (ushort m = 1; m < (ushort)W; m <<= 1) {
+    v = metal::max(v, simd_shuffle_xor(v, m));
+  }
+  return v;
+}
+
 //@ entry
 const unsigned int tid = thread_position_in_grid.x;

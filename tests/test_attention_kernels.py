@@ -119,17 +119,20 @@ def test_cpu_emulated_lse_is_the_row_normalizer(cpu_kernels):
     assert np.allclose(np.array(lse)[0, 0], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kps", [1, 3, 16])
-def test_cpu_emulated_decode_matches_sdpa(cpu_kernels, kps):
-    """Several positions, keys_per_split 1 (every key its own split), 3 (splits past pos are
-    empty), 16 (one split holds everything)."""
+@pytest.mark.parametrize("kps,cpl", [(1, None), (3, None), (16, None), (3, 2), (2, 1), (16, 4)])
+def test_cpu_emulated_decode_matches_sdpa(cpu_kernels, kps, cpl):
+    """Several positions, keys_per_split 1 (every key its own split), 2 and 3 (splits past pos are
+    empty and never read: their partials stay NaN), 16 (one split holds everything, more keys than
+    a trip); value columns per lane None (one slice of all 5 columns), 1, 2 (a short last slice),
+    4 (two slices)."""
     rng = np.random.default_rng(kps)
     B, H, C, dz, dv = 2, 2, 9, 6, 5
     q = mx.array(rng.normal(size=(B, H, 1, dz)).astype(np.float32) * 1.5)
     keys = mx.array(rng.normal(size=(B, H, C, dz)).astype(np.float32) * 1.5)
     values = mx.array(rng.normal(size=(B, H, C, dv)).astype(np.float32))
     for pos in (0, 1, 4, C - 1):
-        got = A.decode_attention_kernel(q, keys, values, mx.array(pos, dtype=mx.int32), keys_per_split=kps)
+        got = A.decode_attention_kernel(q, keys, values, mx.array(pos, dtype=mx.int32), keys_per_split=kps,
+                                        columns_per_lane=cpl)
         visible = mx.arange(C) <= pos
         want = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=visible)
         assert got.shape == (B, H, 1, dv)
@@ -201,6 +204,23 @@ def test_bad_shapes_raise():
         A.decode_attention_kernel(mx.zeros((1, 1, 2, 8)), mx.zeros((1, 1, 4, 8)), mx.zeros((1, 1, 4, 8)), 0)
 
 
+def test_decode_plan_knobs():
+    """Defaults, clipping of the columns per lane, and one-line errors for bad knobs."""
+    gpu_like = type("GpuLike", (), {"lanes": 32})()
+    W, NZ, NV, kps, NS, VS, SL = A._decode_plan(gpu_like, 2048, 256, 2048, None, None, None)
+    assert (W, NZ, NV, kps, NS, VS, SL) == (32, 8, A.DECODE_COLUMNS_PER_LANE, A.DECODE_KEYS_PER_SPLIT,
+                                            2048 // A.DECODE_KEYS_PER_SPLIT, 32 * A.DECODE_COLUMNS_PER_LANE,
+                                            A.DECODE_COMBINE_LANES)
+    assert A._decode_plan(gpu_like, 100, 40, 72, 7, 16, 8)[2:] == (3, 7, 15, 96, 8)   # 72 columns: 3 per lane
+    assert A._decode_plan(gpu_like, 8, 40, 72, 64, 1, 1)[3:6] == (8, 1, 32)          # kps clipped to C
+    cpu = A.CpuLauncher()
+    assert A._decode_plan(cpu, 9, 6, 5, 3, 2, 8)[2:] == (A.CPU_MAX_DIM, 3, 3, 2, 1)  # SL = 1 with one lane
+    with pytest.raises(ValueError, match="combine_lanes must be a power of two"):
+        A._decode_plan(gpu_like, 2048, 256, 2048, None, None, 3)
+    with pytest.raises(ValueError, match="columns_per_lane must be >= 1"):
+        A._decode_plan(gpu_like, 2048, 256, 2048, None, -1, None)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU backend: the real kernels
 
@@ -254,21 +274,23 @@ def test_gpu_kernel_forward_and_grads(monkeypatch, B, H, L, C, dz, dv, dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("H,C,kps", [(1, 2048, None), (4, 2048, 64), (2, 100, 7)])
-def test_gpu_decode_matches_sdpa(monkeypatch, dtype, H, C, kps):
+@pytest.mark.parametrize("H,C,kps,cpl,sl", [(1, 2048, None, None, None), (4, 2048, 64, 16, 8), (2, 100, 7, 3, 1),
+                                             (2, 4096, 8, 4, 32)])
+def test_gpu_decode_matches_sdpa(monkeypatch, dtype, H, C, kps, cpl, sl):
     rng = np.random.default_rng(C + H)
     dz, dv = 256, 2048
     q = mx.array(rng.normal(size=(1, H, 1, dz)).astype(np.float32) * 4 / np.sqrt(dz)).astype(dtype)
     keys = mx.array(rng.normal(size=(1, H, C, dz)).astype(np.float32) * 4 / np.sqrt(dz)).astype(dtype)
     values = mx.array(rng.normal(size=(1, H, C, dv)).astype(np.float32)).astype(dtype)
-    step = mx.compile(lambda q, kk, vv, p: A.decode_attention_kernel(q, kk, vv, p, keys_per_split=kps))
+    step = mx.compile(lambda q, kk, vv, p: A.decode_attention_kernel(q, kk, vv, p, keys_per_split=kps,
+                                                                     columns_per_lane=cpl, combine_lanes=sl))
     for pos in (0, 1, C // 2 + 3, C - 1):
         p = mx.array(pos, dtype=mx.int32)
         got = step(q, keys, values, p)
         want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), keys.astype(mx.float32),
                                                     values.astype(mx.float32), scale=1.0, mask=mx.arange(C) <= pos)
         err = rel(got.astype(mx.float32), want)
-        print(f"\n[attn gpu decode] H={H} C={C} kps={kps} {dtype} pos={pos}: vs fp32 SDPA {err:.2e}")
+        print(f"\n[attn gpu decode] H={H} C={C} kps={kps} cpl={cpl} sl={sl} {dtype} pos={pos}: vs fp32 SDPA {err:.2e}")
         assert err < (3e-3 if dtype == mx.float32 else 8e-3), (pos, err)
 
 
