@@ -238,7 +238,7 @@ def main(argv=None):
                       decode=[(1, 2048), (4, 2048), (4, 4096)], kps=(8, 16, 32), cpl=(4, 8, 16), sl=(4, 8, 16),
                       batch=16)
     results = {"device": str(mx.default_device()), "backend": K.gpu_backend(), "shapes": shapes,
-               "chunk": [], "decode": [], "policy": dict(A.PREFER_KERNEL)}
+               "chunk": [], "decode": [], "policy": {k: A.preferred(k) for k in ("chunk", "decode")}}
     try:
         import subprocess
         results["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],

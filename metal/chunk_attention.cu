@@ -557,9 +557,9 @@ if (slice == 0 && lane == 0) {
   part_stat[(mgk_idx)rs * 2 + 1] = run_sum;
 }
 }
-template __global__ void attn_decode_part<float, 32, 8, 8>(const float*, const float*, const float*, const int*, const int*, float*, float*);
-template __global__ void attn_decode_part<__nv_bfloat16, 32, 8, 8>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, const int*, const int*, float*, float*);
-template __global__ void attn_decode_part<__half, 32, 8, 8>(const __half*, const __half*, const __half*, const int*, const int*, float*, float*);
+template __global__ void attn_decode_part<float, 32, 8, 16>(const float*, const float*, const float*, const int*, const int*, float*, float*);
+template __global__ void attn_decode_part<__nv_bfloat16, 32, 8, 16>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, const int*, const int*, float*, float*);
+template __global__ void attn_decode_part<__half, 32, 8, 16>(const __half*, const __half*, const __half*, const int*, const int*, float*, float*);
 
 // ---- kernel attn_decode_combine
 template <typename T, int SL>
@@ -638,8 +638,8 @@ if (sl == 0) {
   o[oc] = mgk_cast<T>(num / den);
 }
 }
-template __global__ void attn_decode_combine<float, 4>(const float*, const float*, const int*, const int*, float*);
-template __global__ void attn_decode_combine<__nv_bfloat16, 4>(const float*, const float*, const int*, const int*, __nv_bfloat16*);
-template __global__ void attn_decode_combine<__half, 4>(const float*, const float*, const int*, const int*, __half*);
+template __global__ void attn_decode_combine<float, 8>(const float*, const float*, const int*, const int*, float*);
+template __global__ void attn_decode_combine<__nv_bfloat16, 8>(const float*, const float*, const int*, const int*, __nv_bfloat16*);
+template __global__ void attn_decode_combine<__half, 8>(const float*, const float*, const int*, const int*, __half*);
 
 }  // namespace mlx::core::cu

@@ -547,9 +547,9 @@ if (slice == 0 && lane == 0) {
   part_stat[(mgk_idx)rs * 2 + 1] = run_sum;
 }
 }
-template [[host_name("attn_decode_part_float_32_8_8")]] [[kernel]] decltype(attn_decode_part<float, 32, 8, 8>) attn_decode_part<float, 32, 8, 8>;
-template [[host_name("attn_decode_part_bfloat16_t_32_8_8")]] [[kernel]] decltype(attn_decode_part<bfloat16_t, 32, 8, 8>) attn_decode_part<bfloat16_t, 32, 8, 8>;
-template [[host_name("attn_decode_part_half_32_8_8")]] [[kernel]] decltype(attn_decode_part<half, 32, 8, 8>) attn_decode_part<half, 32, 8, 8>;
+template [[host_name("attn_decode_part_float_32_8_16")]] [[kernel]] decltype(attn_decode_part<float, 32, 8, 16>) attn_decode_part<float, 32, 8, 16>;
+template [[host_name("attn_decode_part_bfloat16_t_32_8_16")]] [[kernel]] decltype(attn_decode_part<bfloat16_t, 32, 8, 16>) attn_decode_part<bfloat16_t, 32, 8, 16>;
+template [[host_name("attn_decode_part_half_32_8_16")]] [[kernel]] decltype(attn_decode_part<half, 32, 8, 16>) attn_decode_part<half, 32, 8, 16>;
 
 // ---- kernel attn_decode_combine
 template <typename T, int SL>
@@ -629,7 +629,7 @@ if (sl == 0) {
   o[oc] = mgk_cast<T>(num / den);
 }
 }
-template [[host_name("attn_decode_combine_float_4")]] [[kernel]] decltype(attn_decode_combine<float, 4>) attn_decode_combine<float, 4>;
-template [[host_name("attn_decode_combine_bfloat16_t_4")]] [[kernel]] decltype(attn_decode_combine<bfloat16_t, 4>) attn_decode_combine<bfloat16_t, 4>;
-template [[host_name("attn_decode_combine_half_4")]] [[kernel]] decltype(attn_decode_combine<half, 4>) attn_decode_combine<half, 4>;
+template [[host_name("attn_decode_combine_float_8")]] [[kernel]] decltype(attn_decode_combine<float, 8>) attn_decode_combine<float, 8>;
+template [[host_name("attn_decode_combine_bfloat16_t_8")]] [[kernel]] decltype(attn_decode_combine<bfloat16_t, 8>) attn_decode_combine<bfloat16_t, 8>;
+template [[host_name("attn_decode_combine_half_8")]] [[kernel]] decltype(attn_decode_combine<half, 8>) attn_decode_combine<half, 8>;
 

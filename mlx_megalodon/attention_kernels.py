@@ -78,20 +78,28 @@ for _name, _sig in KERNELS.items():
 GPU_LANES = 32
 MAX_NZ = 32
 MAX_NV = 128
-# Decode (flash-decoding), the defaults of decode_attention_kernel's tuning knobs
-# (benchmarks/attention_kernels.py sweeps them on the H200):
-# - keys per split: a 2048-key chunk makes 128 splits of 16;
-# - value columns per lane: a lane group (warp) owns W * 8 = 256 of the 2048 value columns, so
-#   one head at position 2047 runs 128 splits x 8 slices = 1024 groups;
+# Decode (flash-decoding), the defaults of decode_attention_kernel's tuning knobs, picked from the
+# H200 sweep (benchmarks/attention_kernels.py --only-decode --verbose-sweep; benchmarks/KERNELS.md):
+# the one setting that beat SDPA in all 12 measured rows (1.09-1.38x, bf16/fp32, 1/4 heads, chunk
+# 2048/4096, half-full and full chunks).
+# - keys per split: a 2048-key chunk makes 64 splits of 32;
+# - value columns per lane: a lane group (warp) owns W * 16 = 512 of the 2048 value columns, so
+#   one head at position 2047 runs 64 splits x 4 slices = 256 groups;
 # - combine lanes: lanes that share one output column's splits in the combine kernel.
-DECODE_KEYS_PER_SPLIT = 16
-DECODE_COLUMNS_PER_LANE = 8
-DECODE_COMBINE_LANES = 4
+DECODE_KEYS_PER_SPLIT = 32
+DECODE_COLUMNS_PER_LANE = 16
+DECODE_COMBINE_LANES = 8
 
-# Where the kernels beat SDPA (set from H200 measurements: benchmarks/attention_kernels.py).
-# "chunk": training / prefill chunk attention; "decode": the compiled one-token step.
-# Until measured: SDPA everywhere.
-PREFER_KERNEL: Dict[str, bool] = {"chunk": False, "decode": False}
+# Where the kernels beat SDPA, per backend, from measurements (benchmarks/attention_kernels.py,
+# recorded in benchmarks/KERNELS.md). "chunk": training / prefill chunk attention; "decode": the
+# compiled one-token step. CUDA (H200): SDPA's tensor-core matmuls win chunk attention by 50-75x;
+# the decode kernel wins by 1.09-1.38x. Metal has never been measured (no Mac), so it keeps SDPA;
+# MEGALODON_ATTN_KERNEL=1 tries the kernels there.
+PREFER_KERNEL_BY_BACKEND: Dict[str, Dict[str, bool]] = {
+    "cuda": {"chunk": False, "decode": True},
+    "metal": {"chunk": False, "decode": False},
+}
+PREFER_KERNEL: Dict[str, bool] = {"chunk": False, "decode": False}   # any other launcher (tests)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +299,7 @@ def attention_kernel_wanted(kind: str, q_shape: Sequence[int], v_dim: int, chunk
     q of shape B x H x L x dz, value head dim `v_dim`, chunk size `chunk`, run on the kernels?
     Only where a GPU backend (or a test launcher) is present, kernels are enabled
     (MEGALODON_KERNELS != 0) and the shape is supported; then MEGALODON_ATTN_KERNEL=1/0 forces the
-    answer, else PREFER_KERNEL[kind] (measured on the H200) gives it."""
+    answer, else the measured default for the backend (``preferred``) gives it."""
     if kind not in PREFER_KERNEL:
         raise ValueError(f"unknown attention kind {kind!r}; expected one of {sorted(PREFER_KERNEL)}")
     if not K.kernels_enabled():
@@ -303,6 +311,13 @@ def attention_kernel_wanted(kind: str, q_shape: Sequence[int], v_dim: int, chunk
     force = os.environ.get("MEGALODON_ATTN_KERNEL")
     if force in ("0", "1"):
         return force == "1"
+    return preferred(kind)
+
+
+def preferred(kind: str) -> bool:
+    """The measured default for `kind` on the active backend (a test launcher: PREFER_KERNEL)."""
+    if _launcher_override is None:
+        return PREFER_KERNEL_BY_BACKEND.get(K.gpu_backend() or "", PREFER_KERNEL)[kind]
     return PREFER_KERNEL[kind]
 
 

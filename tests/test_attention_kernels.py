@@ -173,9 +173,11 @@ def test_dispatch_policy(monkeypatch, tmp_path):
     shape = (1, 1, 4096, 256)
     monkeypatch.delenv("MEGALODON_ATTN_KERNEL", raising=False)
     monkeypatch.setenv("MEGALODON_KERNELS", "1")
-    # the default: what PREFER_KERNEL says, on a GPU backend only
+    # the default: what was measured for this backend, on a GPU backend only (CUDA: decode only)
     for kind in ("chunk", "decode"):
-        assert A.attention_kernel_wanted(kind, shape, 2048, 2048, mx.bfloat16) == (ON_GPU and A.PREFER_KERNEL[kind])
+        assert A.attention_kernel_wanted(kind, shape, 2048, 2048, mx.bfloat16) == (ON_GPU and A.preferred(kind))
+    assert A.PREFER_KERNEL_BY_BACKEND["cuda"] == {"chunk": False, "decode": True}
+    assert not any(A.PREFER_KERNEL_BY_BACKEND["metal"].values())   # never measured on a Mac
     monkeypatch.setenv("MEGALODON_ATTN_KERNEL", "1")
     assert A.attention_kernel_wanted("chunk", shape, 2048, 2048, mx.bfloat16) == ON_GPU
     assert not A.attention_kernel_wanted("chunk", shape, 2048, 2048, mx.int32)      # dtype
