@@ -6,6 +6,10 @@ megalodon-jax and a matched Llama-style Transformer (MLX and PyTorch) on the sam
     python benchmarks/peers.py --tiny --seq-lens 256,1024 --tokens-per-step 2048 --contexts 256,1K
     python benchmarks/peers.py --report-only --out DIR [--merge DIR2 ...]
 
+Split over two runs by --systems (e.g. mlx,llama_mlx,torch_ref,llama_torch then
+jax,torch_ref_compile,llama_torch_compile into another folder) and join them with --report-only
+--merge; the Megalodon gate reference (mlx) is recomputed in a run that does not measure mlx.
+
 One random-init Megalodon model is written once as an upstream checkpoint directory and every
 Megalodon system loads it through its own loader; one random Llama weight file feeds both Llama
 builds. Each system runs in its own process (``--worker``), so MLX, PyTorch and JAX never share a GPU
@@ -533,7 +537,8 @@ def plot(systems, names, settings, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     seq, ctx = settings["seq_lens"], settings["contexts"]
-    title = f"{settings['model']} ({settings['mega_parameters'] / 1e6:.0f}M) vs Llama ({settings['llama_parameters'] / 1e6:.0f}M)"
+    title = f"{settings['model']} ({settings['mega_parameters'] / 1e6:.1f}M) vs Llama ({settings['llama_parameters'] / 1e6:.1f}M)"
+    colors = {n: f"C{i}" for i, n in enumerate(ALL_SYSTEMS)}       # one colour per system in every panel
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 3.8))
     width = 0.8 / max(1, len(seq))
     for i, L in enumerate(seq):
@@ -556,16 +561,17 @@ def plot(systems, names, settings, out: Path) -> None:
             pts = [(c, _rec(systems[n], f"infer:{c}")) for c in ctx]
             pts = [(c, r[key]) for c, r in pts if r is not None and r.get(key) is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n, color=colors[n])
     for ax, label in zip(axes, ["decode memory (GB)", "prefill tokens/s", "decode tokens/s"]):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_title(label)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8)
     fig.suptitle(f"Inference, {title}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(out / "peers_inference.png", dpi=110)
     plt.close(fig)
 

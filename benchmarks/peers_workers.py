@@ -251,7 +251,8 @@ class TorchSystem:
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=LEARNING_RATE, betas=BETAS,
                                 eps=EPS, fused=self.device.type == "cuda")
-        forward = torch.compile(model) if self.compile else model
+        # static shapes: each sequence length gets its own graph, as the other frameworks' jit does
+        forward = torch.compile(model, dynamic=False) if self.compile else model
         toks = torch.from_numpy(train_tokens(self.vocab, rows, seq_len)).long().to(self.device)
         inputs, targets = toks[:, :-1], toks[:, 1:]
         times = []
