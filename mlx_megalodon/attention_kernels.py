@@ -92,7 +92,7 @@ DECODE_COMBINE_LANES = 8
 
 # Where the kernels beat SDPA, per backend, from measurements (benchmarks/attention_kernels.py,
 # recorded in benchmarks/KERNELS.md). "chunk": training / prefill chunk attention; "decode": the
-# compiled one-token step. CUDA (H200): SDPA's tensor-core matmuls win chunk attention by 50-75x;
+# compiled one-token step. CUDA (H200): SDPA's tensor-core matmuls win chunk attention by 39-76x;
 # the decode kernel wins by 1.09-1.38x. Metal has never been measured (no Mac), so it keeps SDPA;
 # MEGALODON_ATTN_KERNEL=1 tries the kernels there.
 PREFER_KERNEL_BY_BACKEND: Dict[str, Dict[str, bool]] = {
