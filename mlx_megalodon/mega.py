@@ -68,6 +68,10 @@ class MegaOutputLayer(nn.Module):
             x = x[:, -1:]
         return self.output(x) if "output" in self else embed.as_linear(x)
 
+    def head_weight(self, embed: nn.Embedding) -> mx.array:
+        """The vocab x model_dim matrix of the output projection (the embedding when shared)."""
+        return self.output.weight if "output" in self else embed.weight
+
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -125,6 +129,21 @@ class Model(nn.Module):
                 h = layer(h, None, doc_starts=doc_starts)
         logits = self.output(h, self.embed, None if cache is None else cache[-1], last_only, doc_starts)
         return logits.astype(mx.float32)
+
+    def features(self, inputs: mx.array, segment_ids: Optional[mx.array] = None) -> mx.array:
+        """The final-normalized hidden states (B x L x model_dim) of a full forward pass: the
+        logits are ``features @ model.output.head_weight(model.embed).T``. For losses that project
+        a long sequence in pieces instead of materializing B x L x vocab logits at once."""
+        if inputs.ndim != 2:
+            raise ValueError(f"inputs must be a 2-D array of token ids (batch x length), got shape {inputs.shape}")
+        doc_starts = None if segment_ids is None else document_starts(segment_ids, inputs.shape)
+        h = self.embed(inputs)
+        if self.args.scale_emb:
+            h = h * math.sqrt(self.args.model_dim)
+        for layer in self.layers:
+            h = layer(h, None, doc_starts=doc_starts)
+        x, _ = self.output.final_norm(h, None, doc_starts)
+        return x
 
     def make_cache(self) -> List:
         return [MegalodonCache(self.args.chunk_size) for _ in self.layers] + [TimestepNormCache()]
