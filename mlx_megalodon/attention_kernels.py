@@ -235,17 +235,10 @@ class CpuLauncher:
         return self._lib
 
     def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):
-        import numpy as np
         t = dict(templates)
         assert t.get("W", 1) == 1 and t.get("SL", 1) == 1 and t.get("NZ", CPU_MAX_DIM) == CPU_MAX_DIM
         fn = getattr(self.lib(), f"run_{name}")
-        ins = KERNELS[name][0]
-        arrays = [np.ascontiguousarray(np.array(a.astype(mx.int32 if ty == "int" else mx.float32)))
-                  for a, (_, ty) in zip(inputs, ins)]
-        results = [np.full(tuple(s), np.nan, dtype=np.float32) for s in output_shapes]
-        ptrs = [arr.ctypes.data_as(ctypes.c_void_p) for arr in arrays + results]
-        fn(*ptrs, ctypes.c_uint(threads))
-        return [mx.array(r).astype(dt) for r, dt in zip(results, output_dtypes)]
+        return K.call_cpu_kernel(fn, KERNELS[name][0], inputs, threads, output_shapes, output_dtypes)
 
 
 _launcher_override = None

@@ -322,18 +322,23 @@ class CpuLauncher:
         return lib
 
     def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):
-        import numpy as np
         t = dict(templates)
         assert t["NSPLIT"] == 1
         fn = getattr(self._lib(t["NPT"], t.get("RESET", 0)), f"run_{name}")
-        ins, outs, _ = KERNELS[name]
-        arrays = []
-        for a, (_, ty) in zip(inputs, ins):
-            arrays.append(np.ascontiguousarray(np.array(a.astype(mx.int32 if ty == "int" else mx.float32))))
-        results = [np.full(tuple(s), np.nan, dtype=np.float32) for s in output_shapes]
-        ptrs = [arr.ctypes.data_as(ctypes.c_void_p) for arr in arrays + results]
-        fn(*ptrs, ctypes.c_uint(threads))
-        return [mx.array(r).astype(dt) for r, dt in zip(results, output_dtypes)]
+        return call_cpu_kernel(fn, KERNELS[name][0], inputs, threads, output_shapes, output_dtypes)
+
+
+def call_cpu_kernel(fn, input_types, inputs, threads, output_shapes, output_dtypes):
+    """Run a compiled CPU-emulation entry ``fn(inputs..., outputs..., n_threads)``: inputs as
+    float32 / int32 host copies (``input_types``: (name, "int" | other) pairs), outputs starting as
+    NaN so an element no thread writes shows up."""
+    import numpy as np
+    arrays = [np.ascontiguousarray(np.array(a.astype(mx.int32 if ty == "int" else mx.float32)))
+              for a, (_, ty) in zip(inputs, input_types)]
+    results = [np.full(tuple(s), np.nan, dtype=np.float32) for s in output_shapes]
+    ptrs = [arr.ctypes.data_as(ctypes.c_void_p) for arr in arrays + results]
+    fn(*ptrs, ctypes.c_uint(threads))
+    return [mx.array(r).astype(dt) for r, dt in zip(results, output_dtypes)]
 
 
 _launcher_override = None
