@@ -100,6 +100,9 @@ def build_parser():
     p.add_argument("--budget-s", type=float, default=480.0, help="skip the remaining measurements after this many seconds")
     p.add_argument("--gate-tol-fp32", type=float, default=5e-4)
     p.add_argument("--gate-tol-bf16", type=float, default=2e-2)
+    p.add_argument("--mlx-grad-checkpoint", action="store_true",
+                   help="train both MLX systems with gradient checkpointing (the MLX Transformer's full "
+                        "attention matrices do not fit otherwise: MLX 0.32's CUDA SDPA has no fused backward)")
     p.add_argument("--llama-head-dim", type=int, default=64, choices=[64, 128])
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="torch/jax device (MLX uses its default)")
     p.add_argument("--out", default="benchmarks/results/peers", help="output folder")
@@ -142,15 +145,15 @@ def resolve(a) -> dict:
             "seq_lens": seq_lens, "tokens_per_step": a.tokens_per_step, "contexts": contexts,
             "prefill_step": a.prefill_step, "decode_tokens": a.decode_tokens, "steps": a.steps,
             "warmup": a.warmup, "tol_fp32": a.gate_tol_fp32, "tol_bf16": a.gate_tol_bf16, "device": a.device,
-            "gate_only": a.gate_only}
+            "gate_only": a.gate_only, "mlx_grad_checkpoint": a.mlx_grad_checkpoint}
 
 
 SETTINGS_KEYS = ("model", "mega_args", "llama_args", "tokens_per_step", "prefill_step", "decode_tokens",
-                 "tol_fp32", "tol_bf16")
+                 "tol_fp32", "tol_bf16", "mlx_grad_checkpoint")
 
 
 def settings_key(s: dict) -> str:
-    return json.dumps({k: s[k] for k in SETTINGS_KEYS}, sort_keys=True)
+    return json.dumps({k: s.get(k, False) for k in SETTINGS_KEYS}, sort_keys=True)   # False: older runs
 
 
 # ============================================================================ weights
@@ -299,7 +302,7 @@ def run(a, settings: dict) -> Path:
         families = {FAMILY[s] for s in settings["systems"]}
         tic = time.perf_counter()
         job = {k: settings[k] for k in ("tokens_per_step", "prefill_step", "decode_tokens", "steps", "warmup",
-                                       "tol_fp32", "tol_bf16", "device")}
+                                       "tol_fp32", "tol_bf16", "device", "mlx_grad_checkpoint")}
         job["llama_args"] = settings["llama_args"]
         gate_len = mega.chunk_size + mega.chunk_size // 4         # crosses one chunk boundary
         job["gate_tokens"], job["gate_reference"] = {}, {}

@@ -89,7 +89,7 @@ class MLXSystem:
         self.reset_memory()
         model = self.fresh_model(mx.float32)
         cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype="bfloat16", compile=True,
-                          document_resets=False, learning_rate=LEARNING_RATE, beta1=BETAS[0], beta2=BETAS[1],
+                          grad_checkpoint=bool(self.job.get("mlx_grad_checkpoint")), document_resets=False, learning_rate=LEARNING_RATE, beta1=BETAS[0], beta2=BETAS[1],
                           eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, warmup=0)
         trainer = Trainer(model, build_optimizer(cfg), cfg)
         toks = train_tokens(self.vocab, rows, seq_len)

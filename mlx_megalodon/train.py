@@ -172,7 +172,7 @@ def loss_fn(model, inputs: mx.array, targets: mx.array, mask: Optional[mx.array]
     With ``segment_ids`` the packed documents of a row do not see each other. ``loss_piece`` > 0
     (and shorter than the rows): project and score that many tokens at a time, so the B x L x vocab
     logits are never whole (same result; the head's matmul is recomputed in the backward pass)."""
-    if 0 < loss_piece < inputs.shape[1]:
+    if 0 < loss_piece < inputs.shape[1] and hasattr(model, "features"):
         ce = _chunked_cross_entropy(model, inputs, targets, segment_ids, loss_piece)
     else:
         logits = model(inputs, segment_ids=segment_ids)
