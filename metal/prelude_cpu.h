@@ -9,6 +9,7 @@ typedef std::size_t mgk_idx;  // 64-bit element index
 #define MGK_COS(v) std::cos(v)
 #define MGK_SIN(v) std::sin(v)
 #define MGK_LOG(v) std::log(v)
+#define MGK_RSQRT(v) (1.0f / std::sqrt(v))
 #define MGK_UNROLL_ALL  // g++ -O2 decides
 
 static inline float mgk_load(float v) { return v; }

@@ -9,6 +9,7 @@ typedef size_t mgk_idx;  // 64-bit element index
 #define MGK_COS(v) metal::cos(v)
 #define MGK_SIN(v) metal::sin(v)
 #define MGK_LOG(v) metal::log(v)
+#define MGK_RSQRT(v) metal::rsqrt(v)
 // Before a loop over a per-thread array: fully unrolled, so the array stays in registers.
 #define MGK_UNROLL_ALL _Pragma("unroll")
 

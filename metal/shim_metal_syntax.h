@@ -42,6 +42,7 @@ inline float exp(float v) { return std::exp(v); }
 inline float cos(float v) { return std::cos(v); }
 inline float sin(float v) { return std::sin(v); }
 inline float log(float v) { return std::log(v); }
+inline float rsqrt(float v) { return 1.0f / std::sqrt(v); }
 inline float sqrt(float v) { return std::sqrt(v); }
 inline float abs(float v) { return std::fabs(v); }
 inline float fma(float a, float b, float c) { return std::fma(a, b, c); }

@@ -238,8 +238,9 @@ def write_generated(directory: Optional[Path] = None) -> List[Path]:
         path = directory / fname
         path.write_text(text)
         out.append(path)
-    from . import attention_kernels  # the other bodies' generated files
+    from . import attention_kernels, timestep_norm_kernels  # the other bodies' generated files
     out += attention_kernels.write_generated(directory)
+    out += timestep_norm_kernels.write_generated(directory)
     return out
 
 

@@ -6,6 +6,8 @@ features seen so far. Upstream walks the steps one by one; here the merge is wri
 form with cumulative sums (shifted by the first step's mean, summed in two levels for long
 sequences), which gives the same numbers in parallel. Statistics are float32 whatever x's dtype.
 Packed rows (``doc_starts``) restart the statistics at every document start with segmented sums.
+On a GPU the fused kernels of timestep_norm_kernels.py can replace this path (one dispatch point
+in ``timestep_norm``; off by default, MEGALODON_TNORM_KERNEL=1 turns them on).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import timestep_norm_kernels
 
 _SCAN_BLOCK = 1024
 
@@ -63,6 +67,10 @@ def timestep_norm(x, weight, bias, state: TimestepNormState, num_groups: int, ep
     """``doc_starts`` (B x L ints: index of each token's document start) restarts the statistics
     from ``state`` at every document start, as if each document were its own sequence; the
     returned state is then the last document's."""
+    if timestep_norm_kernels.kernel_wanted(x.shape, num_groups):   # the one dispatch point
+        y, count, mean, var = timestep_norm_kernels.timestep_norm_kernel(
+            x, weight, bias, state.count, state.mean, state.var, num_groups, eps, doc_starts)
+        return y, TimestepNormState(count, mean, var)
     B, L, D = x.shape
     xf = x.astype(mx.float32).reshape(B, L, num_groups, D // num_groups)
     step_mean = xf.mean(axis=-1)                                  # B,L,G
