@@ -23,9 +23,7 @@ readable metal/chunk_attention.{metal,cu} are written by ``python -m mlx_megalod
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -169,15 +167,7 @@ class CpuLauncher:
 
     def lib(self) -> ctypes.CDLL:
         if self._lib is None:
-            src = generate_cpu()
-            tag = hashlib.sha1(src.encode()).hexdigest()[:10]
-            cpp = Path(self.workdir) / f"mgk_attn_{tag}.cpp"
-            so = cpp.with_suffix(".so")
-            if not so.exists():
-                cpp.write_text(src)
-                subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-o", str(so), str(cpp)],
-                               check=True, capture_output=True, text=True)
-            self._lib = ctypes.CDLL(str(so))
+            self._lib = K.compile_cpu_library(generate_cpu(), self.workdir, "mgk_attn", opt="-O2")
         return self._lib
 
     def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):

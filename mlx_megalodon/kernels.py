@@ -325,15 +325,8 @@ class CpuLauncher:
     def _lib(self, npt: int, reset: int = 0) -> ctypes.CDLL:
         lib = self._libs.get((npt, reset))
         if lib is None:
-            src = generate_cpu(npt, reset)
-            tag = hashlib.sha1(src.encode()).hexdigest()[:10]
-            cpp = Path(self.workdir) / f"mgk_{npt}_{reset}_{tag}.cpp"
-            so = cpp.with_suffix(".so")
-            if not so.exists():
-                cpp.write_text(src)
-                subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-o", str(so), str(cpp)],
-                               check=True, capture_output=True, text=True)
-            lib = self._libs[(npt, reset)] = ctypes.CDLL(str(so))
+            lib = self._libs[(npt, reset)] = compile_cpu_library(generate_cpu(npt, reset), self.workdir,
+                                                                 f"mgk_{npt}_{reset}")
         return lib
 
     def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):
@@ -341,6 +334,18 @@ class CpuLauncher:
         assert t["NSPLIT"] == 1
         fn = getattr(self._lib(t["NPT"], t.get("RESET", 0)), f"run_{name}")
         return call_cpu_kernel(fn, KERNELS[name][0], inputs, threads, output_shapes, output_dtypes)
+
+
+def compile_cpu_library(source: str, workdir: str, stem: str, opt: str = "-O1") -> ctypes.CDLL:
+    """g++-compile a CPU-emulation source into ``workdir`` (named by its hash, so a rebuilt source
+    never loads a stale library) and load it."""
+    cpp = Path(workdir) / f"{stem}_{hashlib.sha1(source.encode()).hexdigest()[:10]}.cpp"
+    so = cpp.with_suffix(".so")
+    if not so.exists():
+        cpp.write_text(source)
+        subprocess.run(["g++", "-std=c++17", opt, "-shared", "-fPIC", "-o", str(so), str(cpp)],
+                       check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(so))
 
 
 def call_cpu_kernel(fn, input_types, inputs, threads, output_shapes, output_dtypes):

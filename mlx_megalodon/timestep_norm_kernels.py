@@ -19,9 +19,7 @@ metal/timestep_norm.{metal,cu} are written by ``python -m mlx_megalodon.kernels`
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -157,15 +155,8 @@ class CpuLauncher:
     def lib(self, npt: int, reset: int) -> ctypes.CDLL:
         lib = self._libs.get((npt, reset))
         if lib is None:
-            src = generate_cpu(npt, reset)
-            tag = hashlib.sha1(src.encode()).hexdigest()[:10]
-            cpp = Path(self.workdir) / f"mgk_tnorm_{npt}_{reset}_{tag}.cpp"
-            so = cpp.with_suffix(".so")
-            if not so.exists():
-                cpp.write_text(src)
-                subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-o", str(so), str(cpp)],
-                               check=True, capture_output=True, text=True)
-            lib = self._libs[(npt, reset)] = ctypes.CDLL(str(so))
+            lib = self._libs[(npt, reset)] = K.compile_cpu_library(generate_cpu(npt, reset), self.workdir,
+                                                                   f"mgk_tnorm_{npt}_{reset}")
         return lib
 
     def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):
