@@ -371,8 +371,11 @@ class Trainer:
 
     def step(self, batches: Sequence[Batch]):
         arrays = [self._arrays(b) for b in batches]
-        if len(arrays) == 1:
+        if len(arrays) == 1 and self.cfg.compile:
             return self._fused(*arrays[0])
+        # Uncompiled, even one micro-batch takes the path below: its gradients are evaluated before
+        # the optimizer builds its new weights and moments, so the backward pass's buffers are freed
+        # first instead of sharing the peak with them.
         acc, total, loss_sum = None, None, None
         for micro in arrays:
             loss, ntoks, grads = self._micro(*micro)
