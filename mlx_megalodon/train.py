@@ -270,6 +270,8 @@ def _checkpointed_class(base: type) -> type:
 
             def inner(params, x):
                 self.update(params)
+                if starts is None:   # blocks without packed-row support (e.g. a baseline's) work too
+                    return base.__call__(self, x, None)
                 return base.__call__(self, x, None, doc_starts=starts)
             return mx.checkpoint(inner)(self.trainable_parameters(), x)
         _CHECKPOINTED[base] = type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__})

@@ -98,3 +98,29 @@ def test_matched_llama_size_and_parse_size():
     assert parse_size("4K") == 4096 and parse_size("128K") == 131072 and parse_size("300") == 300
     with pytest.raises(ValueError):
         parse_size("four")
+
+
+def test_grad_checkpoint_on_the_llama_baseline():
+    """--mlx-grad-checkpoint: the Trainer's checkpoint wrapper also serves blocks that take no
+    doc_starts (the MLX Transformer), with the same loss and gradients as without it."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from benchmarks import llama_mlx
+    from mlx_megalodon.train import loss_fn, set_grad_checkpoint
+    args = llama_baseline.LlamaArgs(num_layers=2, model_dim=32, num_heads=2, ffn_hidden_dim=64, vocab_size=50)
+    model = llama_mlx.build(args, llama_baseline.random_weights(args))
+    x = mx.array(np.random.default_rng(0).integers(0, 50, (2, 17)).astype(np.int32))
+
+    def value_and_grads():
+        def f(params):
+            model.update(params)
+            return loss_fn(model, x[:, :-1], x[:, 1:])[0]
+        return mx.value_and_grad(f)(model.trainable_parameters())
+
+    plain, g_plain = value_and_grads()
+    set_grad_checkpoint(model, True)
+    assert type(model.layers[0]).__name__.startswith("Checkpointed")
+    ckpt, g_ckpt = value_and_grads()
+    assert ckpt.item() == pytest.approx(plain.item(), rel=1e-6)
+    for (k, a), (_, b) in zip(tree_flatten(g_plain), tree_flatten(g_ckpt)):
+        assert np.allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6), k
