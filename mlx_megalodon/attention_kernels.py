@@ -26,7 +26,6 @@ import ctypes
 import os
 import tempfile
 from functools import lru_cache
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -121,16 +120,6 @@ def generate_cuda() -> str:
     return K.generate_cuda_source("chunk_attention.body", KERNELS, _instances)
 
 
-def write_generated(directory: Optional[Path] = None) -> List[Path]:
-    directory = Path(directory) if directory is not None else K.source_dir()
-    out = []
-    for fname, text in (("chunk_attention.metal", generate_metal()), ("chunk_attention.cu", generate_cuda())):
-        path = directory / fname
-        path.write_text(text)
-        out.append(path)
-    return out
-
-
 # The CPU emulation: one lane per row (W = 1), T = float, register arrays of CPU_MAX_DIM.
 CPU_MAX_DIM = 64
 
@@ -187,12 +176,7 @@ def set_launcher(launcher) -> None:
 
 
 def _launcher():
-    if _launcher_override is not None:
-        return _launcher_override
-    backend = K.gpu_backend()
-    if backend is None:
-        raise RuntimeError("no GPU backend for the attention kernels")
-    return K._gpu_launcher(backend)
+    return K.launcher_for(_launcher_override, "attention kernels")
 
 
 def _lanes_and_registers(launch, dz: int, dv: int) -> Tuple[int, int, int]:

@@ -246,15 +246,17 @@ def generate_cpu(npt: int, reset: int = 0) -> str:
 
 
 def write_generated(directory: Optional[Path] = None) -> List[Path]:
+    """Rewrite the readable <body>.metal / <body>.cu of every kernel family."""
+    from . import attention_kernels as A, timestep_norm_kernels as T  # they import this module
     directory = Path(directory) if directory is not None else source_dir()
     out = []
-    for fname, text in (("cema_scan.metal", generate_metal()), ("cema_scan.cu", generate_cuda())):
-        path = directory / fname
-        path.write_text(text)
-        out.append(path)
-    from . import attention_kernels, timestep_norm_kernels  # the other bodies' generated files
-    out += attention_kernels.write_generated(directory)
-    out += timestep_norm_kernels.write_generated(directory)
+    for stem, module in (("cema_scan", None), ("chunk_attention", A), ("timestep_norm", T)):
+        gen_metal, gen_cuda = (generate_metal, generate_cuda) if module is None else (module.generate_metal,
+                                                                                      module.generate_cuda)
+        for suffix, generate in ((".metal", gen_metal), (".cu", gen_cuda)):
+            path = directory / (stem + suffix)
+            path.write_text(generate())
+            out.append(path)
     return out
 
 
@@ -375,13 +377,18 @@ def _gpu_launcher(backend: str) -> GpuLauncher:
     return GpuLauncher(backend)
 
 
-def _launcher():
-    if _launcher_override is not None:
-        return _launcher_override
+def launcher_for(override, what: str):
+    """A kernel family's launcher: its test override if set, else this backend's GPU launcher."""
+    if override is not None:
+        return override
     backend = gpu_backend()
     if backend is None:
-        raise RuntimeError("no GPU backend for the custom kernels")
+        raise RuntimeError(f"no GPU backend for the {what}")
     return _gpu_launcher(backend)
+
+
+def _launcher():
+    return launcher_for(_launcher_override, "custom kernels")
 
 
 def cema_kernel_available(length: int) -> bool:

@@ -22,7 +22,6 @@ import ctypes
 import os
 import tempfile
 from functools import lru_cache
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -110,16 +109,6 @@ def generate_cuda() -> str:
     return K.generate_cuda_source("timestep_norm.body", KERNELS, _instances)
 
 
-def write_generated(directory: Optional[Path] = None) -> List[Path]:
-    directory = Path(directory) if directory is not None else K.source_dir()
-    out = []
-    for fname, text in (("timestep_norm.metal", generate_metal()), ("timestep_norm.cu", generate_cuda())):
-        path = directory / fname
-        path.write_text(text)
-        out.append(path)
-    return out
-
-
 def generate_cpu(npt: int, reset: int) -> str:
     """C++ running every kernel one thread at a time (W = 1: one lane holds the whole group of
     `npt` features; T = float), with an extern "C" entry `run_<kernel>(inputs..., outputs...,
@@ -178,12 +167,7 @@ def set_launcher(launcher) -> None:
 
 
 def _launcher():
-    if _launcher_override is not None:
-        return _launcher_override
-    backend = K.gpu_backend()
-    if backend is None:
-        raise RuntimeError("no GPU backend for the TimestepNorm kernels")
-    return K._gpu_launcher(backend)
+    return K.launcher_for(_launcher_override, "TimestepNorm kernels")
 
 
 # ---------------------------------------------------------------------------------------------
