@@ -13,6 +13,8 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
   ops          MEGALODON_KERNELS=0, the pure-ops path
   distributed  default dispatch, plus the data-parallel gradient reduction forced on at world
                size 1 (``Trainer(always_reduce=True)``): the distributed code's own cost
+  tnorm        default dispatch with the fused TimestepNorm kernel forced on (MEGALODON_TNORM_KERNEL=1)
+  no-tnorm     default dispatch with the fused TimestepNorm kernel forced off (MEGALODON_TNORM_KERNEL=0)
 ``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
 """
 import os
@@ -33,12 +35,15 @@ from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E
 from benchmarks.long_context import device_name  # noqa: E402
 
 
-VARIANTS = ("kernels", "ops", "distributed")
+VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm")
 
 
 def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",
             packed_doc_len=0):
     os.environ["MEGALODON_KERNELS"] = "0" if variant == "ops" else "1"
+    os.environ.pop("MEGALODON_TNORM_KERNEL", None)
+    if variant in ("tnorm", "no-tnorm"):
+        os.environ["MEGALODON_TNORM_KERNEL"] = "1" if variant == "tnorm" else "0"
     mx.random.seed(0)
     model = Model(args)
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype=dtype, grad_checkpoint=grad_checkpoint,

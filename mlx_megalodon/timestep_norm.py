@@ -7,7 +7,8 @@ form with cumulative sums (shifted by the first step's mean, summed in two level
 sequences), which gives the same numbers in parallel. Statistics are float32 whatever x's dtype.
 Packed rows (``doc_starts``) restart the statistics at every document start with segmented sums.
 On a GPU the fused kernels of timestep_norm_kernels.py can replace this path (one dispatch point
-in ``timestep_norm``; off by default, MEGALODON_TNORM_KERNEL=1 turns them on).
+in ``timestep_norm``; on by default on CUDA where it was measured, off on Metal;
+MEGALODON_TNORM_KERNEL=1 / 0 forces it).
 """
 from __future__ import annotations
 
