@@ -166,17 +166,8 @@ class CpuLauncher:
         return K.call_cpu_kernel(fn, KERNELS[name][0], inputs, threads, output_shapes, output_dtypes)
 
 
-_launcher_override = None
-
-
-def set_launcher(launcher) -> None:
-    """Tests: route the attention kernels through `launcher` (e.g. CpuLauncher()); None undoes it."""
-    global _launcher_override
-    _launcher_override = launcher
-
-
-def _launcher():
-    return K.launcher_for(_launcher_override, "attention kernels")
+_launcher = K.LauncherSlot("attention kernels")
+set_launcher = _launcher.set
 
 
 def _lanes_and_registers(launch, dz: int, dv: int) -> Tuple[int, int, int]:
@@ -197,9 +188,9 @@ def kernel_supported(q_shape: Sequence[int], v_dim: int, dtype) -> bool:
     if dtype not in (mx.float32, mx.bfloat16, mx.float16) or len(q_shape) != 4 or min(q_shape) < 1 or v_dim < 1:
         return False
     dz = q_shape[-1]
-    if _launcher_override is not None:
-        w = getattr(_launcher_override, "lanes", GPU_LANES)
-        limit = getattr(_launcher_override, "max_dim", None)
+    if _launcher.override is not None:
+        w = getattr(_launcher.override, "lanes", GPU_LANES)
+        limit = getattr(_launcher.override, "max_dim", None)
         if limit is not None and (dz > limit or v_dim > limit):
             return False
     else:
@@ -217,7 +208,7 @@ def attention_kernel_wanted(kind: str, q_shape: Sequence[int], v_dim: int, chunk
         raise ValueError(f"unknown attention kind {kind!r}; expected one of {sorted(PREFER_KERNEL)}")
     if not K.kernels_enabled():
         return False
-    if _launcher_override is None and K.gpu_backend() is None:
+    if not _launcher.available():
         return False
     if not kernel_supported(q_shape, v_dim, dtype):
         return False
@@ -229,7 +220,7 @@ def attention_kernel_wanted(kind: str, q_shape: Sequence[int], v_dim: int, chunk
 
 def preferred(kind: str) -> bool:
     """The measured default for `kind` on the active backend (a test launcher: PREFER_KERNEL)."""
-    if _launcher_override is None:
+    if _launcher.override is None:
         return PREFER_KERNEL_BY_BACKEND.get(K.gpu_backend() or "", PREFER_KERNEL)[kind]
     return PREFER_KERNEL[kind]
 

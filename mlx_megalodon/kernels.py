@@ -363,32 +363,37 @@ def call_cpu_kernel(fn, input_types, inputs, threads, output_shapes, output_dtyp
     return [mx.array(r).astype(dt) for r, dt in zip(results, output_dtypes)]
 
 
-_launcher_override = None
-
-
-def set_launcher(launcher) -> None:
-    """Tests: route every kernel launch through `launcher` (e.g. CpuLauncher()); None undoes it."""
-    global _launcher_override
-    _launcher_override = launcher
-
-
 @lru_cache(maxsize=None)
 def _gpu_launcher(backend: str) -> GpuLauncher:
     return GpuLauncher(backend)
 
 
-def launcher_for(override, what: str):
-    """A kernel family's launcher: its test override if set, else this backend's GPU launcher."""
-    if override is not None:
-        return override
-    backend = gpu_backend()
-    if backend is None:
-        raise RuntimeError(f"no GPU backend for the {what}")
-    return _gpu_launcher(backend)
+class LauncherSlot:
+    """Where one kernel family gets its launcher: a test override when one is set (e.g. a
+    CpuLauncher, so kernel bodies run on the CPU), else this backend's GPU launcher."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.override = None
+
+    def set(self, launcher) -> None:
+        """Tests: route this family's launches through `launcher`; None undoes it."""
+        self.override = launcher
+
+    def available(self) -> bool:
+        return self.override is not None or gpu_backend() is not None
+
+    def __call__(self):
+        if self.override is not None:
+            return self.override
+        backend = gpu_backend()
+        if backend is None:
+            raise RuntimeError(f"no GPU backend for the {self.family}")
+        return _gpu_launcher(backend)
 
 
-def _launcher():
-    return launcher_for(_launcher_override, "custom kernels")
+_launcher = LauncherSlot("CEMA kernels")
+set_launcher = _launcher.set
 
 
 def cema_kernel_available(length: int) -> bool:
@@ -396,7 +401,7 @@ def cema_kernel_available(length: int) -> bool:
     launcher) present, and a non-empty sequence."""
     if length < 1 or not kernels_enabled():
         return False
-    return _launcher_override is not None or gpu_backend() is not None
+    return _launcher.available()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,17 +159,8 @@ class CpuLauncher:
         return K.call_cpu_kernel(fn, KERNELS[name][0], inputs, threads, output_shapes, output_dtypes)
 
 
-_launcher_override = None
-
-
-def set_launcher(launcher) -> None:
-    """Tests: route the TimestepNorm kernels through `launcher` (e.g. CpuLauncher()); None undoes it."""
-    global _launcher_override
-    _launcher_override = launcher
-
-
-def _launcher():
-    return K.launcher_for(_launcher_override, "TimestepNorm kernels")
+_launcher = K.LauncherSlot("TimestepNorm kernels")
+set_launcher = _launcher.set
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +169,7 @@ def _launcher():
 def lanes(group_size: int, launch=None) -> Optional[Tuple[int, int]]:
     """(W lanes per group, NPT features per lane) for this group size on `launch` (default: the
     active launcher, or a GPU's), or None where the kernels do not handle it."""
-    launch = launch if launch is not None else _launcher_override
+    launch = launch if launch is not None else _launcher.override
     w_max = getattr(launch, "lanes", GPU_LANES) if launch is not None else GPU_LANES
     if group_size < 1:
         return None
@@ -198,7 +189,7 @@ def kernel_wanted(shape: Sequence[int], num_groups: int) -> bool:
     the answer, else TIMESTEP_NORM_KERNEL_DEFAULT for the backend."""
     if not K.kernels_enabled():
         return False
-    if _launcher_override is None and K.gpu_backend() is None:
+    if not _launcher.available():
         return False
     if len(shape) != 3 or min(shape) < 1 or num_groups < 1 or shape[2] % num_groups:
         return False
@@ -207,7 +198,7 @@ def kernel_wanted(shape: Sequence[int], num_groups: int) -> bool:
     force = os.environ.get("MEGALODON_TNORM_KERNEL")
     if force in ("0", "1"):
         return force == "1"
-    if _launcher_override is None:
+    if _launcher.override is None:
         return TIMESTEP_NORM_KERNEL_DEFAULT.get(K.gpu_backend() or "", False)
     return PREFER_KERNEL
 

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 
 try:
@@ -183,3 +184,13 @@ def make_upstream_dir(directory, args: ModelArgs, sd: Dict[str, torch.Tensor], m
     else:
         make_tokenizer(d, vocab_size=args.vocab_size)
     return d
+
+
+def starts_from_lengths(layout):
+    """B x L int32 document starts from each row's document lengths (every row the same total)."""
+    rows = []
+    for lengths in layout:
+        firsts = np.cumsum([0, *lengths[:-1]])
+        rows.append(np.concatenate([np.full(n, s) for s, n in zip(firsts, lengths)]))
+    assert len({len(r) for r in rows}) == 1, "rows of different lengths"
+    return np.stack(rows).astype(np.int32)

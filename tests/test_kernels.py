@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from factory import starts_from_lengths
 from mlx_megalodon import kernels as K
 from mlx_megalodon.complex_exponential_moving_average import (
     CEMACoefficients, MultiHeadComplexEMA, cema_fft, cema_recurrence, cema_scan, cema_segmented)
@@ -93,16 +94,6 @@ def torch_reference(x, coeffs, h0, w):
 
 # Packed rows: x and the coefficients only (no state in or out), loss sum(y * wy).
 PACKED_FIELDS = ["x", *CEMACoefficients._fields]
-
-
-def starts_from_lengths(layout):
-    """B x L int32 document starts from each row's document lengths (every row the same total)."""
-    rows = []
-    for lengths in layout:
-        firsts = np.cumsum([0, *lengths[:-1]])
-        rows.append(np.concatenate([np.full(n, s) for s, n in zip(firsts, lengths)]))
-    assert len({len(r) for r in rows}) == 1, "rows of different lengths"
-    return np.stack(rows).astype(np.int32)
 
 
 def random_layout(rng, B, L, mean_length):

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from factory import starts_from_lengths
 from mlx_megalodon import kernels as K
 from mlx_megalodon import timestep_norm_kernels as TK
 from mlx_megalodon.timestep_norm import TimestepNorm, TimestepNormState, timestep_norm
@@ -30,16 +31,6 @@ GRAD_NAMES = ["x", "weight", "bias", "mean0", "var0"]
 def rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def starts_from_lengths(layout):
-    """B x L int32 document starts from each row's document lengths (every row the same total)."""
-    rows = []
-    for lengths in layout:
-        firsts = np.cumsum([0, *lengths[:-1]])
-        rows.append(np.concatenate([np.full(n, s) for s, n in zip(firsts, lengths)]))
-    assert len({len(r) for r in rows}) == 1, "rows of different lengths"
-    return np.stack(rows).astype(np.int32)
 
 
 def make_case(B, L, D, G, seed, with_state, offset=0.0, dtype=mx.float32):
