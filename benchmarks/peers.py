@@ -25,6 +25,16 @@ Then per system: training steps (forward, backward, clip, AdamW; float32 paramet
 each ``--seq-lens`` with ``--tokens-per-step`` tokens per step; prefill and greedy decoding at each
 ``--contexts`` with bf16 weights. Results go to ``--out``: ``systems/NAME.json`` per system (so runs
 split by ``--systems`` add up in one folder), ``peers.json``, ``peers.md`` and PNG plots.
+
+Time limits: ``--budget-s`` bounds the whole run and ``--job-timeout-s`` one job of a worker. The
+parent watches each worker and kills it (its whole process group, compile workers included) at
+either limit; the job it was in is recorded as a timeout, what it finished is kept, and the system's
+remaining jobs go to a fresh worker while budget remains. A worker whose failed job left memory
+behind also hands the remaining jobs to a fresh worker (see ``peers_workers.worker_main``).
+
+Results of runs with and without ``--mlx-grad-checkpoint`` merge: the MLX systems that trained with
+gradient checkpointing are labelled ``NAME (grad ckpt)``, and the ratio rows pair like with like
+where both were measured and mark any unlike pair.
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +58,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import llama_baseline  # noqa: E402
-from benchmarks.peers_workers import FAMILY, ISOLATED, REFERENCE, SYSTEMS, worker_main  # noqa: E402
+from benchmarks.peers_workers import (FAMILY, ISOLATED, REFERENCE, SYSTEMS, load_extra_systems,  # noqa: E402
+                                      worker_main)
 from mlx_megalodon.config import ModelArgs, parameter_count, preset  # noqa: E402
 
 ALL_SYSTEMS = list(SYSTEMS)
@@ -97,7 +109,12 @@ def build_parser():
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="skip the remaining measurements after this many seconds")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="skip the remaining measurements after this many seconds (a worker still running then "
+                        "is killed and its job recorded as a timeout)")
+    p.add_argument("--job-timeout-s", type=float, default=None,
+                   help="kill a worker whose current job (or start-up) runs longer than this, record the job as a "
+                        "timeout and go on with a fresh worker (default: only --budget-s limits it)")
     p.add_argument("--gate-tol-fp32", type=float, default=5e-4)
     p.add_argument("--gate-tol-bf16", type=float, default=2e-2)
     p.add_argument("--mlx-grad-checkpoint", action="store_true",
@@ -138,6 +155,8 @@ def resolve(a) -> dict:
             raise UsageError(f"{name} must be positive, got {v}")
     if a.warmup < 1:
         raise UsageError("--warmup must be at least 1 (the first step compiles)")
+    if a.job_timeout_s is not None and a.job_timeout_s <= 0:
+        raise UsageError(f"--job-timeout-s must be positive, got {a.job_timeout_s:g}")
     n_mega = parameter_count(mega)
     llama = llama_baseline.matched_llama_args(mega, n_mega, head_dim=a.llama_head_dim if not a.tiny else 64)
     return {"systems": systems, "model": model_name, "mega_args": mega.to_dict(), "mega_parameters": n_mega,
@@ -148,12 +167,14 @@ def resolve(a) -> dict:
             "gate_only": a.gate_only, "mlx_grad_checkpoint": a.mlx_grad_checkpoint}
 
 
+# Settings that must agree for two systems' results to share a report. --mlx-grad-checkpoint is not
+# one of them: each system is labelled with how it trained (see trained_with_checkpointing).
 SETTINGS_KEYS = ("model", "mega_args", "llama_args", "tokens_per_step", "prefill_step", "decode_tokens",
-                 "tol_fp32", "tol_bf16", "mlx_grad_checkpoint")
+                 "tol_fp32", "tol_bf16")
 
 
 def settings_key(s: dict) -> str:
-    return json.dumps({k: s.get(k, False) for k in SETTINGS_KEYS}, sort_keys=True)   # False: older runs
+    return json.dumps({k: s.get(k) for k in SETTINGS_KEYS}, sort_keys=True)
 
 
 # ============================================================================ weights
@@ -181,46 +202,112 @@ def write_gate_tokens(path: Path, vocab: int, length: int, seed: int) -> None:
 
 # ============================================================================ orchestration
 def read_records(path: Path) -> List[dict]:
+    """The worker's JSON lines; a line it was writing when it was killed is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
 
 
 # MLX runs float32 matmuls as TF32 on CUDA unless told otherwise: its gate runs in full float32, in a
 # process of its own so that the measured runs keep MLX's defaults.
 GATE_ENV = {"mlx": {"MLX_ENABLE_TF32": "0"}}
+POLL_S = 0.25          # how often the parent looks at a running worker
+KILL_GRACE_S = 5.0     # SIGTERM, then this long before SIGKILL
+
+
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """End a worker and everything it started (inductor's compile workers, say): it leads its own
+    process group (start_new_session), so the group id is its pid."""
+    for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:      # the leader is gone: its children may still be running
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+
+
+def watch_worker(proc: subprocess.Popen, result_file: Path, deadline: float,
+                 job_timeout_s: Optional[float]) -> Optional[dict]:
+    """Wait for a worker, killing it (its whole process group) at ``deadline`` or when one phase
+    (start-up and setup, then each job) runs longer than ``job_timeout_s``; a phase ends when the
+    worker appends a record. Returns None when it exited by itself, else what ended it:
+    {"cause": "budget" | "job timeout", "phase_s": seconds the unfinished phase had run}."""
+    seen, phase_start = 0, time.time()
+    while proc.poll() is None:
+        now = time.time()
+        count = len(read_records(result_file))
+        if count > seen:
+            seen, phase_start = count, now
+        cause = None
+        if now >= deadline:
+            cause = "budget"
+        elif job_timeout_s and now - phase_start > job_timeout_s:
+            cause = "job timeout"
+        if cause:
+            kill_process_group(proc)
+            return {"cause": cause, "phase_s": now - phase_start}
+        time.sleep(POLL_S)
+    return None
 
 
 def run_worker(name: str, job: dict, jobs: List[str], work: Path, log_dir: Path, deadline: float,
-               extra_env: Optional[dict] = None) -> List[dict]:
-    """One worker process for ``jobs``; returns its records, with a record for a job it died in."""
+               extra_env: Optional[dict] = None, job_timeout_s: Optional[float] = None) -> List[dict]:
+    """One worker process for ``jobs``; returns its records, with a record for the job it died in
+    or was killed in (status "skipped", ``timed_out``, when the parent ended it)."""
     result_file = work / f"{name}-{time.time_ns()}.jsonl"
     job_file = work / f"{name}-job.json"
     job_file.write_text(json.dumps({**job, "jobs": jobs, "result_file": str(result_file), "deadline": deadline}))
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    timeout = max(30.0, deadline - time.time() + 90.0)    # the worker stops itself at the deadline
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--job-file", str(job_file)]
-    with open(log_dir / f"{name}.log", "a") as log:
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "a") as log:
         log.write(f"\n=== {' '.join(jobs)}\n")
         log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=str(ROOT))
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+            killed = watch_worker(proc, result_file, deadline, job_timeout_s)
+        except BaseException:          # Ctrl-C in the parent: take the worker down with it
+            kill_process_group(proc)
+            raise
+        rc = proc.returncode
     records = read_records(result_file)
     done = {r["job"] for r in records}
-    if rc != 0:
-        tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-3:]
-        missing = [j for j in ["setup"] + jobs if j not in done]
-        if missing:
-            reason = "worker timed out" if rc == "timeout" else f"worker died (exit {rc}): {' | '.join(tail)[-300:]}"
-            records.append({"job": missing[0], "status": "error", "reason": reason})
+    missing = [j for j in ["setup"] + jobs if j not in done]
+    if killed and missing:
+        limit = ("the --budget-s deadline" if killed["cause"] == "budget"
+                 else f"--job-timeout-s {job_timeout_s:g}")
+        records.append({"job": missing[0], "status": "skipped", "timed_out": True,
+                        "reason": f"timeout: worker killed after {killed['phase_s']:.0f} s in this job ({limit})"})
+        with open(log_path, "a") as log:
+            log.write(f"\n=== killed by peers.py: {records[-1]['reason']}\n")
+    elif rc != 0 and missing:
+        tail = log_path.read_text().strip().splitlines()[-3:]
+        records.append({"job": missing[0], "status": "error",
+                        "reason": f"worker died (exit {rc}): {' | '.join(tail)[-300:]}"})
     return records
 
 
-def run_system(name: str, job: dict, settings: dict, work: Path, log_dir: Path, deadline: float) -> dict:
+def run_system(name: str, job: dict, settings: dict, work: Path, log_dir: Path, deadline: float,
+               job_timeout_s: Optional[float] = None) -> dict:
+    """All of one system's jobs, in as few workers as the jobs allow: a new worker picks up after a
+    worker that stopped early (a job it was killed in, a failed job that left memory behind)."""
     jobs = ["gate"]
     if not settings.get("gate_only"):
         jobs += [f"train:{L}" for L in settings["seq_lens"]] + [f"infer:{c}" for c in settings["contexts"]]
@@ -234,7 +321,8 @@ def run_system(name: str, job: dict, settings: dict, work: Path, log_dir: Path, 
                 result["records"][j] = {"job": j, "status": "skipped", "reason": "time budget exhausted"}
             break
         batch = pending[:1] if name in ISOLATED or (gate_env and pending[0] == "gate") else pending
-        records = run_worker(name, job, batch, work, log_dir, deadline, gate_env if batch == ["gate"] else None)
+        records = run_worker(name, job, batch, work, log_dir, deadline, gate_env if batch == ["gate"] else None,
+                             job_timeout_s)
         for r in records:
             if r["job"] == "setup":
                 if "setup" not in result or r["status"] == "ok":
@@ -244,8 +332,9 @@ def run_system(name: str, job: dict, settings: dict, work: Path, log_dir: Path, 
                         result["records"][j] = {"job": j, "status": "skipped", "reason": f"setup {r['status']}: "
                                                 f"{r.get('reason', '')}"}
                     return result
-            else:
+            elif r["job"] in pending:
                 result["records"][r["job"]] = r
+        progressed = [j for j in pending if j in result["records"]]
         pending = [j for j in pending if j not in result["records"]]
         gate = result["records"].get("gate")
         if gate is not None and not (gate["status"] == "ok" and gate.get("passed")):
@@ -253,7 +342,7 @@ def run_system(name: str, job: dict, settings: dict, work: Path, log_dir: Path, 
             for j in pending:
                 result["records"][j] = {"job": j, "status": "skipped", "reason": f"{why}: not measured"}
             break
-        if not records:   # nothing came back at all: do not loop
+        if not progressed:   # a worker that finished none of its jobs: do not loop
             for j in pending:
                 result["records"][j] = {"job": j, "status": "error", "reason": "worker produced no output"}
             break
@@ -333,12 +422,13 @@ def run(a, settings: dict) -> Path:
             tic = time.time()
             if reference_only:
                 print(f"[{name}] reference logits for the gate", flush=True)
-                recs = run_worker(name, job, ["gate"], work, log_dir, deadline, GATE_ENV.get(SYSTEMS[name][0].framework))
+                recs = run_worker(name, job, ["gate"], work, log_dir, deadline, GATE_ENV.get(SYSTEMS[name][0].framework),
+                                  a.job_timeout_s)
                 ok = any(r["job"] == "gate" and r.get("passed") for r in recs)
                 print(f"[{name}] reference {'written' if ok else 'FAILED: ' + str(recs[-1:])}", flush=True)
                 continue
             print(f"[{name}] running", flush=True)
-            res = run_system(name, job, settings, work, log_dir, deadline)
+            res = run_system(name, job, settings, work, log_dir, deadline, a.job_timeout_s)
             res["wall_s"] = time.time() - tic
             (out / "systems" / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
             print(f"[{name}] done in {res['wall_s']:.0f} s: " + ", ".join(
@@ -347,21 +437,75 @@ def run(a, settings: dict) -> Path:
         if not a.keep_weights:
             shutil.rmtree(weights, ignore_errors=True)
     meta = {"machine": machine_info(), "command": "python " + " ".join(sys.argv), "total_wall_s": time.time() - start,
-            "budget_s": a.budget_s}
+            "budget_s": a.budget_s, "job_timeout_s": a.job_timeout_s}
     (out / "run_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 
 # ============================================================================ report
+CKPT_LABEL = " (grad ckpt)"
+
+
+def trained_with_checkpointing(sysres: dict) -> bool:
+    """Whether the system trained with gradient checkpointing: what its training records say, or,
+    for results from before they said it, the run's --mlx-grad-checkpoint on an MLX system."""
+    flags = [r["grad_checkpoint"] for j, r in sysres["records"].items()
+             if j.startswith("train:") and "grad_checkpoint" in r]
+    if flags:
+        return any(flags)
+    framework = getattr(SYSTEMS.get(sysres["system"], (None,))[0], "framework", None)
+    return bool(sysres.get("settings", {}).get("mlx_grad_checkpoint")) and framework == "mlx"
+
+
+def system_label(sysres: dict) -> str:
+    return sysres["system"] + (CKPT_LABEL if trained_with_checkpointing(sysres) else "")
+
+
 def load_systems(dirs: List[Path]) -> Dict[str, dict]:
-    """Every system's result in ``dirs``; where two folders hold one system, the first folder's wins."""
+    """Every system's result in ``dirs``, keyed by its label (its name, plus " (grad ckpt)" when it
+    trained with gradient checkpointing, so a run with and one without both stay); where two
+    folders hold one label, the first folder's wins."""
     found: Dict[str, dict] = {}
     for d in reversed(dirs):
         for f in sorted((Path(d) / "systems").glob("*.json")):
             r = json.loads(f.read_text())
             r["_from"] = str(d)
-            found[r["system"]] = r
+            r["_checkpointed"] = trained_with_checkpointing(r)
+            r["_label"] = system_label(r)
+            found[r["_label"]] = r
     return found
+
+
+def variants(systems: Dict[str, dict], name: str) -> Dict[bool, dict]:
+    """{trained with checkpointing: result} for one system name."""
+    return {r["_checkpointed"]: r for r in systems.values() if r["system"] == name}
+
+
+def checkpoint_note(a: dict, b: dict) -> str:
+    """Empty when a and b trained alike, else which one used gradient checkpointing."""
+    if a["_checkpointed"] == b["_checkpointed"]:
+        return ""
+    return f"unlike: grad ckpt on {(a if a['_checkpointed'] else b)['system']} only"
+
+
+def compare(systems: Dict[str, dict], a: str, b: str, L: int):
+    """a's / b's training throughput at L, between variants that trained alike (neither
+    checkpointed, else both) where both were measured, else between unlike ones (the caller
+    labels those with checkpoint_note). Returns (a's result, b's result, ratio or None)."""
+    va, vb = variants(systems, a), variants(systems, b)
+    combos = [(c, c) for c in (False, True)] + [(False, True), (True, False)]
+    present = [(va[ca], vb[cb]) for ca, cb in combos if ca in va and cb in vb]
+    for ra, rb in present:
+        q = ratio(tok_s(ra, L), tok_s(rb, L))
+        if q is not None:
+            return ra, rb, q
+    if present:
+        return present[0] + (None,)
+    return next(iter(va.values()), None), next(iter(vb.values()), None), None
+
+
+def label_or(sysres: Optional[dict], name: str) -> str:
+    return name if sysres is None else sysres["_label"]
 
 
 def _rec(sysres: Optional[dict], job: str) -> Optional[dict]:
@@ -379,8 +523,12 @@ def cell(sysres: Optional[dict], job: str, key: str, fmt: str = "{:,.0f}") -> st
         return "–"
     if r["status"] != "ok":
         reason = r.get("reason", "")
+        if r.get("timed_out"):
+            return "timeout"
         if r["status"] == "skipped":
-            return "skipped (budget)" if "budget" in reason else ("gate failed" if "gate failed" in reason else "skipped")
+            if "budget" in reason:
+                return "skipped (budget)"
+            return "gate failed" if "gate failed" in reason else ("skipped (timeout)" if "timeout" in reason else "skipped")
         if r["status"] == "n/a":
             return "n/a"
         short = reason.split(":")[0] if "out of memory" not in reason.lower() else "OOM"
@@ -408,12 +556,14 @@ def build_report(dirs: List[Path], out: Path) -> str:
     meta_file = out / "run_meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"machine": machine_info()}
     # the newest settings decide; systems measured under other settings are listed apart
+    # (keys recomputed: a stored key may hold settings that no longer separate runs)
     primary = [r for r in systems.values() if Path(r["_from"]) == Path(dirs[0])] or list(systems.values())
-    ref_key = primary[0]["settings_key"]
-    settings = next(r["settings"] for r in systems.values() if r["settings_key"] == ref_key)
-    mismatched = sorted(n for n, r in systems.items() if r["settings_key"] != ref_key)
-    systems = {n: r for n, r in systems.items() if r["settings_key"] == ref_key}
-    names = [n for n in ALL_SYSTEMS if n in systems]
+    ref_key = settings_key(primary[0]["settings"])
+    settings = primary[0]["settings"]
+    mismatched = sorted(n for n, r in systems.items() if settings_key(r["settings"]) != ref_key)
+    systems = {n: r for n, r in systems.items() if settings_key(r["settings"]) == ref_key}
+    order = {n: i for i, n in enumerate(ALL_SYSTEMS)}
+    names = sorted(systems, key=lambda n: (order.get(systems[n]["system"], len(order)), systems[n]["_checkpointed"]))
     seq, ctx = settings["seq_lens"], settings["contexts"]
     tps = settings["tokens_per_step"]
 
@@ -434,6 +584,11 @@ def build_report(dirs: List[Path], out: Path) -> str:
                  f"norms float32), greedy decoding of {settings['decode_tokens']} tokens, batch 1. Gate: "
                  f"max|diff| <= {settings['tol_fp32']:g} (float32) / {settings['tol_bf16']:g} (bf16) x max|logit| of the "
                  f"family reference's float32 logits.")
+    if any(r["_checkpointed"] for r in systems.values()):
+        lines.append(f"`{CKPT_LABEL.strip()}`: trained with gradient checkpointing (--mlx-grad-checkpoint: each block's "
+                     f"activations are recomputed in the backward pass, so a step costs more and its peak memory is "
+                     f"smaller). Ratios compare systems that trained alike where both were measured, and say "
+                     f"'unlike' where they could not.")
     lines.append("")
 
     # --- gate + training
@@ -486,29 +641,50 @@ def build_report(dirs: List[Path], out: Path) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
 
-    # --- the paper's claim and the issue's targets
-    claims, head = [], ["Megalodon", "Transformer"] + [f"ratio at {size_label(L)}" for L in seq]
+    # --- the paper's claim and the issue's targets: one row per pair of variants that trained alike
+    # (or, where there is none, per unlike pair, marked as such)
+    claims, head = [], ["Megalodon", "Transformer", "grad ckpt"] + [f"ratio at {size_label(L)}" for L in seq]
     lines += ["Megalodon / Transformer training throughput (the paper's 7B: 0.94x at 4K, 1.32x at 32K):", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mega_name, llama_name in PAIRS:
-        if mega_name in systems or llama_name in systems:
-            vals = [ratio(tok_s(systems.get(mega_name), L), tok_s(systems.get(llama_name), L)) for L in seq]
-            claims.append({"megalodon": mega_name, "transformer": llama_name,
-                           "ratios": {str(L): v for L, v in zip(seq, vals)}})
-            lines.append("| " + " | ".join([mega_name, llama_name] + ["–" if v is None else f"{v:.2f}x"
-                                                                      for v in vals]) + " |")
+        vm, vl = variants(systems, mega_name), variants(systems, llama_name)
+        pairs = [(vm[c], vl[c]) for c in (False, True) if c in vm and c in vl]
+        pairs = pairs or [(vm[a], vl[b]) for a in vm for b in vl]
+        if not pairs and (vm or vl):
+            pairs = [(next(iter(vm.values()), None), next(iter(vl.values()), None))]
+        for rm, rl in pairs:
+            vals = [ratio(tok_s(rm, L), tok_s(rl, L)) for L in seq]
+            if rm is None or rl is None:
+                ckpt = "–"
+            elif rm["_checkpointed"] == rl["_checkpointed"]:
+                ckpt = "both" if rm["_checkpointed"] else "neither"
+            else:
+                ckpt = f"**unlike**: {'Megalodon' if rm['_checkpointed'] else 'Transformer'} only"
+            claims.append({"megalodon": label_or(rm, mega_name), "transformer": label_or(rl, llama_name),
+                           "grad_checkpoint": ckpt, "ratios": {str(L): v for L, v in zip(seq, vals)}})
+            lines.append("| " + " | ".join([label_or(rm, mega_name), label_or(rl, llama_name), ckpt]
+                                           + ["–" if v is None else f"{v:.2f}x" for v in vals]) + " |")
     lines.append("")
     targets = []
-    mlx = systems.get("mlx")
+
+    def target(a, b, L, goal):
+        ra, rb, q = compare(systems, a, b, L)
+        what = f"{label_or(ra, a)} / {label_or(rb, b)} training at {size_label(L)}"
+        note = checkpoint_note(ra, rb) if ra is not None and rb is not None else ""
+        targets.append((what + (f" (**{note}**)" if note else ""), q, goal, not note))
+
     for L in seq:
         for other, goal in (("jax", 1.5), ("torch_ref", 1.25), ("torch_ref_compile", 1.25)):
-            targets.append((f"mlx / {other} training at {size_label(L)}", ratio(tok_s(mlx, L), tok_s(systems.get(other), L)), goal))
-    if len(seq) >= 2:
-        targets.append((f"mlx {size_label(seq[-1])} / {size_label(seq[0])} training", ratio(tok_s(mlx, seq[-1]), tok_s(mlx, seq[0])), 0.94))
+            target("mlx", other, L, goal)
+    if len(seq) >= 2:      # one variant for both lengths: the plain one where it has both
+        mlx_variants = sorted(variants(systems, "mlx").values(), key=lambda r: r["_checkpointed"])
+        found = [(r, ratio(tok_s(r, seq[-1]), tok_s(r, seq[0]))) for r in mlx_variants]
+        r, q = next(((r, q) for r, q in found if q is not None), found[0] if found else (None, None))
+        targets.append((f"{label_or(r, 'mlx')} {size_label(seq[-1])} / {size_label(seq[0])} training", q, 0.94, True))
     for L, goal in zip(seq, (0.94, 1.32)):
-        targets.append((f"mlx / llama_mlx training at {size_label(L)}", ratio(tok_s(mlx, L), tok_s(systems.get("llama_mlx"), L)), goal))
+        target("mlx", "llama_mlx", L, goal)
     lines += ["Issue targets:", "", "| target | measured | goal | met |", "|---|---|---|---|"]
-    for what, v, goal in targets:
+    for what, v, goal, _ in targets:
         lines.append(f"| {what} | {'–' if v is None else f'{v:.2f}x'} | >= {goal}x | "
                      f"{'–' if v is None else ('yes' if v >= goal else 'no')} |")
     lines.append("")
@@ -516,7 +692,8 @@ def build_report(dirs: List[Path], out: Path) -> str:
     for n in names:
         for j, rec in systems[n]["records"].items():
             if rec.get("status") in ("error", "skipped") and "gate failed" not in rec.get("reason", ""):
-                notes.append(f"- {n} {j}: {rec['status']}: {rec.get('reason', '')}")
+                restart = f" ({rec['worker_restart']})" if rec.get("worker_restart") else ""
+                notes.append(f"- {n} {j}: {rec['status']}: {rec.get('reason', '')}{restart}")
     if mismatched:
         notes.append(f"- left out (measured with other settings): {', '.join(mismatched)}")
     if notes:
@@ -526,7 +703,8 @@ def build_report(dirs: List[Path], out: Path) -> str:
     (out / "peers.md").write_text(md + "\n")
     (out / "peers.json").write_text(json.dumps({"meta": meta, "settings": settings, "systems": systems,
                                                 "claims": claims,
-                                                "targets": [{"what": w, "value": v, "goal": g} for w, v, g in targets]},
+                                                "targets": [{"what": w, "value": v, "goal": g, "like_settings": like}
+                                                            for w, v, g, like in targets]},
                                                indent=1) + "\n")
     try:
         plot(systems, names, settings, out)
@@ -541,7 +719,7 @@ def plot(systems, names, settings, out: Path) -> None:
     import matplotlib.pyplot as plt
     seq, ctx = settings["seq_lens"], settings["contexts"]
     title = f"{settings['model']} ({settings['mega_parameters'] / 1e6:.1f}M) vs Llama ({settings['llama_parameters'] / 1e6:.1f}M)"
-    colors = {n: f"C{i}" for i, n in enumerate(ALL_SYSTEMS)}       # one colour per system in every panel
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}          # one colour per system in every panel
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 3.8))
     width = 0.8 / max(1, len(seq))
     for i, L in enumerate(seq):
@@ -584,6 +762,7 @@ def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     if a.worker:
+        load_extra_systems()
         if a.worker not in SYSTEMS or not a.job_file:
             p.error("--worker needs a known system and --job-file")
         return worker_main(a.worker, a.job_file)

@@ -13,14 +13,26 @@ directory through its own loader; the Llama ones from one .npz) and offers:
 Timings synchronize the device (``mx.eval`` / ``torch.cuda.synchronize`` / ``block_until_ready``);
 peak memory is reset before each measurement where the framework allows it (JAX cannot reset its
 peak, so ``peers.py`` runs each JAX measurement in its own process).
+
+A job that raises (an out-of-memory error, say) must not spoil the jobs after it in the same worker:
+the worker clears the failed job's traceback frames (the arrays they hold), collects garbage, empties
+the framework's allocator cache and resets its peak counter before the next job, and if memory is
+still held afterwards (a framework-internal leak) it stops, so that ``peers.py`` starts a fresh worker
+for the remaining jobs.
+
+``torch_ref_compile`` compiles the PyTorch reference with CEMA and TimestepNorm left eager (see
+``TorchMegalodon.compiled_forward``): inductor cannot generate code for CEMA's complex arithmetic and
+its CUDA scan code generation fails on TimestepNorm's float64 cumulative sums.
 """
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +45,12 @@ from benchmarks import llama_baseline  # noqa: E402
 from mlx_megalodon.config import ModelArgs  # noqa: E402
 
 GB = 1e9
+# Memory (GB) still in use after a failed job has been cleaned up beyond what was in use before it:
+# more than this and the worker stops so that a fresh process runs the remaining jobs.
+LEFTOVER_RESTART_GB = 0.5
+# Test hook: "module:attribute" naming a dict {name: (system class, extra job settings)} of more
+# systems for the worker (the class's ``family`` attribute gives its gate family).
+EXTRA_SYSTEMS_ENV = "PEERS_EXTRA_SYSTEMS"
 LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 
 
@@ -82,27 +100,34 @@ class MLXSystem:
     def peak_gb(self):
         return self.mx.get_peak_memory() / GB
 
+    def in_use_gb(self):
+        return self.mx.get_active_memory() / GB
+
     def train(self, seq_len, rows, warmup, steps):
         mx = self.mx
         from mlx_megalodon.data import Batch
         from mlx_megalodon.train import TrainConfig, Trainer, build_optimizer
         self.reset_memory()
         model = self.fresh_model(mx.float32)
+        checkpointing = bool(self.job.get("mlx_grad_checkpoint"))
         cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype="bfloat16", compile=True,
-                          grad_checkpoint=bool(self.job.get("mlx_grad_checkpoint")), document_resets=False, learning_rate=LEARNING_RATE, beta1=BETAS[0], beta2=BETAS[1],
-                          eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, warmup=0)
+                          grad_checkpoint=checkpointing, document_resets=False, learning_rate=LEARNING_RATE,
+                          beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
+                          warmup=0)
         trainer = Trainer(model, build_optimizer(cfg), cfg)
         toks = train_tokens(self.vocab, rows, seq_len)
         batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32),
                       np.zeros((rows, seq_len), np.int32))
-        times = []
+        times, losses = [], []
         for _ in range(warmup + steps):
             tic = time.perf_counter()
             loss, _, _ = trainer.step([batch])
             mx.eval(loss, trainer.state)
             times.append(time.perf_counter() - tic)
+            losses.append(loss)
         out = timing_summary(times, warmup, rows * seq_len)
-        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss.item()))
+        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss.item()), first_loss=float(losses[0].item()),
+                   grad_checkpoint=checkpointing)
         del trainer, model
         return out
 
@@ -211,6 +236,7 @@ class TorchSystem:
         self.torch = torch
         self.job = job
         self.compile = job.get("compile", False)
+        self.compile_backend = job.get("compile_backend", "inductor")
         want = job.get("device", "auto")
         self.device = torch.device("cuda" if (want == "auto" and torch.cuda.is_available()) or want == "cuda"
                                    else "cpu")
@@ -238,6 +264,19 @@ class TorchSystem:
             return self.torch.cuda.max_memory_allocated(self.device) / GB
         return None
 
+    def in_use_gb(self):
+        if self.device.type == "cuda":
+            return self.torch.cuda.memory_allocated(self.device) / GB
+        return None
+
+    def compiled_forward(self, model):
+        """The model under torch.compile; static shapes, so each sequence length gets its own graph
+        as the other frameworks' jit does."""
+        return self.torch.compile(model, dynamic=False, backend=self.compile_backend)
+
+    def compile_mode(self):
+        return f"torch.compile(dynamic=False, backend={getattr(self.compile_backend, '__name__', self.compile_backend)})"
+
     def autocast(self):
         return self.torch.autocast(device_type=self.device.type, dtype=self.torch.bfloat16)
 
@@ -251,11 +290,10 @@ class TorchSystem:
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=LEARNING_RATE, betas=BETAS,
                                 eps=EPS, fused=self.device.type == "cuda")
-        # static shapes: each sequence length gets its own graph, as the other frameworks' jit does
-        forward = torch.compile(model, dynamic=False) if self.compile else model
+        forward = self.compiled_forward(model) if self.compile else model
         toks = torch.from_numpy(train_tokens(self.vocab, rows, seq_len)).long().to(self.device)
         inputs, targets = toks[:, :-1], toks[:, 1:]
-        times = []
+        times, losses = [], []
         for _ in range(warmup + steps):
             tic = time.perf_counter()
             with self.autocast():
@@ -268,9 +306,13 @@ class TorchSystem:
             opt.zero_grad(set_to_none=True)
             self.sync()
             times.append(time.perf_counter() - tic)
+            losses.append(loss.detach())
             del logits
         out = timing_summary(times, warmup, rows * seq_len)
-        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss.item()))
+        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss.item()), first_loss=float(losses[0].item()),
+                   grad_checkpoint=False)
+        if self.compile:
+            out["compile_mode"] = self.compile_mode()
         del opt, model, forward
         return out
 
@@ -342,6 +384,25 @@ class TorchMegalodon(TorchSystem):
         model = self.fresh_model(self.torch.bfloat16)
         model.eval()
         return model
+
+    def compiled_forward(self, model):
+        """torch.compile of the reference with CEMA and TimestepNorm (every instance, the final norm
+        included) left eager through torch.compiler.disable, so the projections, attention, RMS
+        norms, feed-forward networks and output head are compiled and the graph breaks around the
+        two. Why: inductor cannot generate code for CEMA's complex tensors (FFT convolution, complex
+        state) and on CUDA its scan code generation fails on TimestepNorm's float64 cumulative sums
+        (``Error in codegen for ... SplitScan ... cumsum``, then no step finished in 7 minutes on
+        an H200). The patch sets ``forward`` on this model's module instances only, so torch_ref's
+        code and numerics are unchanged."""
+        from torch_ref.complex_exponential_moving_average import MultiHeadComplexEMA
+        from torch_ref.timestep_norm import TimestepNorm
+        for module in model.modules():
+            if isinstance(module, (MultiHeadComplexEMA, TimestepNorm)):
+                module.forward = self.torch.compiler.disable(module.forward)
+        return super().compiled_forward(model)
+
+    def compile_mode(self):
+        return super().compile_mode() + "; CEMA and TimestepNorm eager (torch.compiler.disable)"
 
     def gate_logits(self, tokens, precision):
         torch = self.torch
@@ -507,14 +568,16 @@ class JaxMegalodon:
 
         step = jax.jit(step, donate_argnums=(0, 1))
         toks = jnp.asarray(train_tokens(self.vocab, rows, seq_len)[:, :seq_len])
-        times = []
+        times, losses = [], []
         for _ in range(warmup + steps):
             tic = time.perf_counter()
             params, opt, loss = step(params, opt, toks)
             self.sync((params, opt, loss))
             times.append(time.perf_counter() - tic)
+            losses.append(loss)
         out = timing_summary(times, warmup, rows * seq_len)
-        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss), optimizer="own AdamW (jax.tree.map)",
+        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss), first_loss=float(losses[0]),
+                   grad_checkpoint=False, optimizer="own AdamW (jax.tree.map)",
                    memory_note="peak since process start (JAX cannot reset it; one process per measurement)")
         return out
 
@@ -616,9 +679,68 @@ def run_gate(system, name: str, job: dict) -> dict:
 
 
 # ============================================================================ the worker
+def load_extra_systems() -> None:
+    """Add the systems named by $PEERS_EXTRA_SYSTEMS ("module:attribute", a test hook) to SYSTEMS
+    and FAMILY."""
+    spec = os.environ.get(EXTRA_SYSTEMS_ENV)
+    if not spec:
+        return
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise ValueError(f"${EXTRA_SYSTEMS_ENV} must read module:attribute, got '{spec}'")
+    for name, (cls, extra) in getattr(importlib.import_module(module_name), attribute).items():
+        SYSTEMS[name] = (cls, extra)
+        FAMILY[name] = cls.family
+
+
+def release_failure(error: BaseException) -> None:
+    """Let go of what a failed job held. Clearing its traceback frames frees their locals (arrays,
+    models, optimizer state) even where the exception object itself lives on (in a chained
+    exception, in a system that kept it, in a frame-exception reference cycle)."""
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)      # skips the frames still running (this worker's)
+        e.__traceback__ = None
+        pending += [e.__cause__, e.__context__]
+
+
+def run_job(system, name: str, job: dict, j: str) -> dict:
+    kind, _, value = j.partition(":")
+    if kind == "gate":
+        return run_gate(system, name, job)
+    if kind == "train":
+        L = int(value)
+        rows = max(1, job["tokens_per_step"] // L)
+        return {"seq_len": L, "rows": rows, "tokens_per_step": rows * L,
+                **system.train(L, rows, job["warmup"], job["steps"])}
+    if kind == "infer":
+        return {"context": int(value), "decode_tokens": job["decode_tokens"],
+                **system.infer(int(value), job["prefill_step"], job["decode_tokens"])}
+    raise ValueError(f"unknown job {j}")
+
+
+def _in_use_gb(system):
+    measure = getattr(system, "in_use_gb", None)
+    return None if measure is None else measure()
+
+
 def worker_main(name: str, job_file: str) -> int:
-    """Run ``job["jobs"]`` for one system, appending one JSON line per finished job to job["result_file"]."""
+    """Run ``job["jobs"]`` for one system, appending one JSON line per finished job to job["result_file"].
+
+    Each job starts clean (garbage collected, allocator cache emptied, peak counter reset), so its
+    peak is its own. After a job that raised, the worker releases what the job held; if more than
+    ``job["leftover_restart_gb"]`` (default LEFTOVER_RESTART_GB) is still in use than before the
+    job, or the cleanup itself fails, the worker returns early and ``peers.py`` runs the remaining
+    jobs in a fresh process."""
+    load_extra_systems()
     job = json.loads(Path(job_file).read_text())
+    if name not in SYSTEMS:
+        raise ValueError(f"unknown system {name}")
+    restart_gb = job.get("leftover_restart_gb", LEFTOVER_RESTART_GB)
     out = open(job["result_file"], "a")
 
     def record(entry):
@@ -637,30 +759,43 @@ def worker_main(name: str, job_file: str) -> int:
         record({"job": "setup", "status": "error", "reason": _one_line(e)})
         return 0
     record({"job": "setup", "status": "ok", "setup_s": time.perf_counter() - tic, "versions": system.versions()})
-    for j in job["jobs"]:
+    for index, j in enumerate(job["jobs"]):
         if time.time() > job["deadline"]:
             record({"job": j, "status": "skipped", "reason": "time budget exhausted"})
             continue
+        system.reset_memory()
+        before = _in_use_gb(system)
+        failed = False
         tic = time.perf_counter()
         try:
-            kind, _, value = j.partition(":")
-            if kind == "gate":
-                res = run_gate(system, name, job)
-            elif kind == "train":
-                L = int(value)
-                rows = max(1, job["tokens_per_step"] // L)
-                res = {"seq_len": L, "rows": rows, "tokens_per_step": rows * L,
-                       **system.train(L, rows, job["warmup"], job["steps"])}
-            elif kind == "infer":
-                res = {"context": int(value), "decode_tokens": job["decode_tokens"],
-                       **system.infer(int(value), job["prefill_step"], job["decode_tokens"])}
-            else:
-                raise ValueError(f"unknown job {j}")
-            record({"job": j, "status": "ok", "wall_s": time.perf_counter() - tic, **res})
+            entry = {"job": j, "status": "ok", **run_job(system, name, job, j)}
         except NotImplementedError as e:
-            record({"job": j, "status": "n/a", "reason": str(e)})
+            entry = {"job": j, "status": "n/a", "reason": str(e)}
         except Exception as e:
-            record({"job": j, "status": "error", "reason": _one_line(e), "wall_s": time.perf_counter() - tic})
+            entry = {"job": j, "status": "error", "reason": _one_line(e)}
+            release_failure(e)
+            failed = True
+        if entry["status"] != "n/a":
+            entry["wall_s"] = time.perf_counter() - tic
+        if before is not None:
+            entry["start_memory_gb"] = before
+        if failed:
+            restart = None
+            try:
+                gc.collect()
+                system.reset_memory()
+                after = _in_use_gb(system)
+                if before is not None and after is not None:
+                    entry["leftover_memory_gb"] = after - before
+                    if after - before > restart_gb:
+                        restart = f"{after - before:.2f} GB still in use after the cleanup"
+            except Exception as e:
+                restart = f"cleanup failed ({_one_line(e, 120)})"
+            if restart and index + 1 < len(job["jobs"]):
+                entry["worker_restart"] = restart + ": the remaining jobs run in a fresh worker"
+                record(entry)
+                return 0
+        record(entry)
         gc.collect()
     return 0
 

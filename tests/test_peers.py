@@ -4,7 +4,9 @@ weight fails it; the MLX and PyTorch Llama baselines agree on shared weights. CP
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,276 @@ def test_grad_checkpoint_on_the_llama_baseline():
     assert ckpt.item() == pytest.approx(plain.item(), rel=1e-6)
     for (k, a), (_, b) in zip(tree_flatten(g_plain), tree_flatten(g_ckpt)):
         assert np.allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6), k
+
+
+# ============================================================================ worker robustness
+# Fake systems for the worker tests. The parent-side tests run them in real worker processes, which
+# find them through $PEERS_EXTRA_SYSTEMS=tests.test_peers:FAKE_SYSTEMS.
+from benchmarks.peers_workers import EXTRA_SYSTEMS_ENV, FAMILY, MLXSystem  # noqa: E402
+
+BIG_ELEMENTS = 75_000_000               # 0.3 GB of float32
+
+
+class FakeMLX(MLXSystem):
+    """train:1 allocates 0.3 GB and raises (an out-of-memory error, say); train:2 allocates almost
+    nothing and reports the peak since the worker's reset, without resetting anything itself.
+    ``job["keep"]`` says what of the failure it keeps: "error" (the exception, hence its frames) or
+    "array" (the array itself: a leak no cleanup can undo)."""
+    family = "megalodon"
+    framework = "fake-mlx"
+
+    def setup(self, job):
+        super().setup(job)
+        self.keep = job.get("keep")
+
+    def versions(self):
+        return {"device": "cpu"}
+
+    def gate_logits(self, tokens, precision):
+        return np.zeros((*tokens.shape, 8), np.float32)
+
+    def train(self, seq_len, rows, warmup, steps):
+        mx = self.mx
+        if seq_len == 1:
+            big = mx.zeros((BIG_ELEMENTS,))
+            mx.eval(big)
+            try:
+                raise RuntimeError("simulated out of memory")
+            except RuntimeError as err:
+                if self.keep == "error":
+                    self.last_error = err
+                elif self.keep == "array":
+                    self.kept = big
+                raise
+        small = mx.ones((1000,))
+        mx.eval(small)
+        return {"peak_memory_gb": self.peak_gb(), "tokens_per_s": 1.0}
+
+
+class FakeSlow(FakeMLX):
+    """train:1 starts a child process (its pid written to job["child_pid_file"]) and then hangs, as
+    torch_ref_compile did in inductor on the H200; train:2 is quick."""
+    framework = "fake-slow"
+
+    def train(self, seq_len, rows, warmup, steps):
+        if seq_len == 1:
+            import subprocess
+            child = subprocess.Popen(["sleep", "600"])
+            Path(self.job["child_pid_file"]).write_text(str(child.pid))
+            time.sleep(600)
+        return {"tokens_per_s": 1.0}
+
+
+FAKE_SYSTEMS = {"fake_mlx": (FakeMLX, {}), "fake_slow": (FakeSlow, {})}
+
+
+def worker_job(tmp_path, jobs, **extra):
+    return {"jobs": jobs, "result_file": str(tmp_path / "records.jsonl"), "deadline": time.time() + 300,
+            "tokens_per_step": 2, "warmup": 1, "steps": 1, "leftover_restart_gb": 0.1, **extra}
+
+
+def run_worker_here(tmp_path, monkeypatch, jobs, **extra):
+    """worker_main in this process (so MLX's counters are this process's)."""
+    from benchmarks.peers import read_records
+    from benchmarks.peers_workers import worker_main
+    for name, entry in FAKE_SYSTEMS.items():
+        monkeypatch.setitem(SYSTEMS, name, entry)
+        monkeypatch.setitem(FAMILY, name, entry[0].family)
+    job = worker_job(tmp_path, jobs, **extra)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert worker_main("fake_mlx", str(tmp_path / "job.json")) == 0
+    return {r["job"]: r for r in read_records(Path(job["result_file"]))}
+
+
+def test_failed_job_does_not_spoil_the_next_ones_peak(tmp_path, monkeypatch):
+    """The H200's llama_mlx train:32768 OOM left its arrays alive and the next job reported a
+    150 GB peak. Here the failed job's exception (hence its frames and the 0.3 GB array in them)
+    stays referenced by the system; the next job's peak must not include it."""
+    recs = run_worker_here(tmp_path, monkeypatch, ["train:1", "train:2"], keep="error")
+    assert recs["train:1"]["status"] == "error" and "simulated out of memory" in recs["train:1"]["reason"]
+    assert recs["train:1"]["leftover_memory_gb"] < 0.05 and "worker_restart" not in recs["train:1"]
+    assert recs["train:2"]["status"] == "ok"
+    assert recs["train:2"]["peak_memory_gb"] < 0.05, recs["train:2"]      # 0.3 GB if it leaked
+    assert recs["train:2"]["start_memory_gb"] < 0.05
+
+
+def test_worker_stops_when_a_failed_job_leaves_memory_behind(tmp_path, monkeypatch):
+    recs = run_worker_here(tmp_path, monkeypatch, ["train:1", "train:2"], keep="array")
+    assert recs["train:1"]["leftover_memory_gb"] > 0.25
+    assert "fresh worker" in recs["train:1"]["worker_restart"]
+    assert "train:2" not in recs                      # left to the next worker
+
+
+@pytest.fixture
+def fake_parent(tmp_path, monkeypatch):
+    """run_system on the fake systems, their workers real processes."""
+    from benchmarks import peers
+    monkeypatch.setenv(EXTRA_SYSTEMS_ENV, "tests.test_peers:FAKE_SYSTEMS")
+    for name, entry in FAKE_SYSTEMS.items():
+        monkeypatch.setitem(SYSTEMS, name, entry)
+        monkeypatch.setitem(FAMILY, name, entry[0].family)
+    tokens, reference = tmp_path / "tokens.npy", tmp_path / "reference.npy"
+    np.save(tokens, np.zeros((1, 4), np.int32))
+    np.save(reference, np.ones((1, 4, 8), np.float32))        # the fakes' logits are zeros: within 1x
+    job = {"tokens_per_step": 2, "prefill_step": 4, "decode_tokens": 2, "steps": 1, "warmup": 1,
+           "tol_fp32": 1.0, "tol_bf16": 1.0, "device": "cpu", "child_pid_file": str(tmp_path / "child.pid"),
+           "leftover_restart_gb": 0.1,
+           "gate_tokens": {"megalodon": str(tokens)}, "gate_reference": {"megalodon": str(reference)}}
+    settings = {"seq_lens": [1, 2], "contexts": [], "gate_only": False, "model": "fake"}
+    (tmp_path / "work").mkdir()
+
+    def run(name, budget_s, job_timeout_s=None, **extra):
+        tic = time.time()
+        res = peers.run_system(name, {**job, **extra}, settings, tmp_path / "work", tmp_path,
+                               tic + budget_s, job_timeout_s)
+        return res["records"], time.time() - tic
+    return run
+
+
+def _process_gone(pid: int, wait_s: float = 10.0) -> bool:
+    end = time.time() + wait_s
+    while time.time() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_parent_restarts_a_worker_that_leaked(fake_parent):
+    recs, _ = fake_parent("fake_mlx", budget_s=120, keep="array")
+    assert recs["gate"]["status"] == "ok" and recs["gate"]["passed"]
+    assert recs["train:1"]["status"] == "error" and "worker_restart" in recs["train:1"]
+    assert recs["train:2"]["status"] == "ok"
+    assert recs["train:2"]["peak_memory_gb"] < 0.05          # measured in the fresh worker
+
+
+def test_job_timeout_kills_the_worker_group_and_goes_on(fake_parent, tmp_path):
+    recs, elapsed = fake_parent("fake_slow", budget_s=120, job_timeout_s=4)
+    assert elapsed < 45, elapsed                              # not the 600 s the job would hang
+    assert recs["gate"]["status"] == "ok"                     # kept from the killed worker
+    hung = recs["train:1"]
+    assert hung["status"] == "skipped" and hung["timed_out"] and "timeout" in hung["reason"]
+    assert "--job-timeout-s 4" in hung["reason"]
+    assert recs["train:2"]["status"] == "ok"                  # a fresh worker ran the rest
+    assert _process_gone(int((tmp_path / "child.pid").read_text()))   # the worker's child died too
+
+
+def test_budget_deadline_kills_the_worker(fake_parent, tmp_path):
+    recs, elapsed = fake_parent("fake_slow", budget_s=8)
+    assert elapsed < 8 + 15, elapsed
+    assert recs["gate"]["status"] == "ok"
+    assert recs["train:1"]["timed_out"] and "--budget-s" in recs["train:1"]["reason"]
+    assert recs["train:2"]["status"] == "skipped" and "budget" in recs["train:2"]["reason"]
+    assert _process_gone(int((tmp_path / "child.pid").read_text()))
+
+
+# ============================================================================ torch_ref_compile
+def test_torch_ref_compile_keeps_cema_and_timestep_norm_eager(gate_job):
+    """torch_ref_compile trains with everything but CEMA and TimestepNorm compiled by inductor
+    (CPU: its C++ backend; ~10-30 s). The graphs handed to inductor hold no complex or float64
+    tensor (CEMA's FFT convolution, TimestepNorm's float64 cumsum: what inductor failed on on the
+    H200), and the losses match eager torch_ref: the first step's to 1e-4 relative, the loss after
+    one AdamW update to 2e-3 (bf16 autocast; fusion changes roundings)."""
+    _, job, _ = gate_job
+    graphs = []
+
+    def recording_inductor(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+
+    results = {}
+    for name in ("torch_ref", "torch_ref_compile"):
+        cls, extra = SYSTEMS[name]
+        system = cls()
+        system.setup({**job, **extra, "compile_backend": recording_inductor})
+        results[name] = system.train(32, 2, 1, 1)
+    eager, compiled = results["torch_ref"], results["torch_ref_compile"]
+    assert "CEMA and TimestepNorm eager" in compiled["compile_mode"]
+    assert graphs, "nothing was compiled"
+    compiled_nodes = 0
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                compiled_nodes += 1
+                assert not value.is_complex() and value.dtype != torch.float64, (node.target, value.dtype)
+            assert not any(bad in str(node.target) for bad in ("cumsum", "fft", "polar")), node.target
+    assert compiled_nodes > 50                                # projections, attention, FFN: really compiled
+    assert compiled["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-4)
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=2e-3)
+    assert compiled["loss"] < compiled["first_loss"]          # the update took
+
+
+# ============================================================================ report: grad ckpt labels
+def write_system(folder: Path, name: str, train: dict, ckpt_setting: bool, record_flag=None) -> None:
+    """A synthetic systems/NAME.json: ``train`` maps seq len -> tokens/s (None: an OOM error);
+    ``record_flag`` is the training records' grad_checkpoint (None: an older run that lacks it)."""
+    settings = {"model": "tiny", "mega_args": {"num_layers": 2}, "llama_args": {"num_layers": 2, "model_dim": 64,
+                "num_heads": 1, "ffn_hidden_dim": 128}, "mega_parameters": 1e6, "llama_parameters": 1e6,
+                "seq_lens": [4096, 32768], "tokens_per_step": 32768, "contexts": [4096], "prefill_step": 4096,
+                "decode_tokens": 8, "steps": 3, "warmup": 1, "tol_fp32": 5e-4, "tol_bf16": 2e-2,
+                "mlx_grad_checkpoint": ckpt_setting}
+    gate = {"passed": True, "relative": 0.0}
+    records = {"gate": {"job": "gate", "status": "ok", "passed": True, "float32": gate, "bfloat16": gate}}
+    for L, v in train.items():
+        rec = ({"job": f"train:{L}", "status": "ok", "tokens_per_s": v, "peak_memory_gb": 1.0, "compile_s": 1.0}
+               if v is not None else {"job": f"train:{L}", "status": "error", "reason": "RuntimeError: out of memory"})
+        if record_flag is not None and v is not None:
+            rec["grad_checkpoint"] = record_flag
+        records[f"train:{L}"] = rec
+    (folder / "systems").mkdir(parents=True, exist_ok=True)
+    (folder / "systems" / f"{name}.json").write_text(json.dumps(
+        {"system": name, "family": FAMILY[name], "settings": settings, "settings_key": "stale", "records": records}))
+
+
+def report_lines(dirs):
+    from benchmarks.peers import build_report
+    md = build_report(dirs, dirs[0])
+    targets = {t["what"]: t for t in json.loads((dirs[0] / "peers.json").read_text())["targets"]}
+    return md, targets
+
+
+def test_report_labels_checkpointed_training_and_pairs_like_with_like(tmp_path):
+    ckpt, plain = tmp_path / "ckpt", tmp_path / "plain"
+    # an --mlx-grad-checkpoint run (mlx's records from before they said so: its settings decide) ...
+    write_system(ckpt, "mlx", {4096: 100.0, 32768: 90.0}, ckpt_setting=True)
+    write_system(ckpt, "llama_mlx", {4096: 200.0, 32768: 60.0}, ckpt_setting=True, record_flag=True)
+    write_system(ckpt, "torch_ref", {4096: 50.0, 32768: 40.0}, ckpt_setting=True, record_flag=False)
+    # ... merged with a plain one, in which mlx and llama_mlx ran out of memory at 32K
+    write_system(plain, "mlx", {4096: 130.0, 32768: None}, ckpt_setting=False)
+    write_system(plain, "llama_mlx", {4096: 150.0, 32768: None}, ckpt_setting=False, record_flag=False)
+    write_system(plain, "jax", {4096: 65.0, 32768: 50.0}, ckpt_setting=False, record_flag=False)
+    md, targets = report_lines([ckpt, plain])
+
+    rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| ")]
+    for label in ("mlx", "mlx (grad ckpt)", "llama_mlx", "llama_mlx (grad ckpt)", "torch_ref", "jax"):
+        assert label in rows, label
+    assert "torch_ref (grad ckpt)" not in rows          # the flag is the MLX systems' only
+    assert "(measured with other settings)" not in md   # the two runs share one report
+
+    # Megalodon / Transformer: like with like only, as both pairs exist
+    assert "| mlx | llama_mlx | neither | 0.87x | – |" in md
+    assert "| mlx (grad ckpt) | llama_mlx (grad ckpt) | both | 0.50x | 1.50x |" in md
+    assert "unlike" not in md.split("Issue targets")[0].split("Megalodon / Transformer")[1]
+
+    # targets: the plain mlx where it was measured, the checkpointed one labelled where not
+    assert targets["mlx / jax training at 4K"]["value"] == pytest.approx(2.0)
+    unlike = targets["mlx (grad ckpt) / jax training at 32K (**unlike: grad ckpt on mlx only**)"]
+    assert unlike["value"] == pytest.approx(1.8) and not unlike["like_settings"]
+    assert targets["mlx / llama_mlx training at 4K"]["value"] == pytest.approx(130 / 150)
+    assert targets["mlx (grad ckpt) / llama_mlx (grad ckpt) training at 32K"]["value"] == pytest.approx(1.5)
+    assert targets["mlx (grad ckpt) 32K / 4K training"]["value"] == pytest.approx(0.9)
+
+
+def test_report_marks_an_unlike_megalodon_transformer_pair(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_system(a, "mlx", {4096: 100.0, 32768: 90.0}, ckpt_setting=True, record_flag=True)
+    write_system(b, "llama_mlx", {4096: 200.0, 32768: 60.0}, ckpt_setting=False, record_flag=False)
+    md, targets = report_lines([a, b])
+    assert "| mlx (grad ckpt) | llama_mlx | **unlike**: Megalodon only | 0.50x | 1.50x |" in md
+    t = targets["mlx (grad ckpt) / llama_mlx training at 4K (**unlike: grad ckpt on mlx only**)"]
+    assert t["value"] == pytest.approx(0.5) and not t["like_settings"]
