@@ -379,6 +379,8 @@ def _read_prompt(args) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .cpu_blas import warn_if_slow
+    warn_if_slow()
     try:
         sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p)
         if args.max_tokens < 0:

@@ -1097,8 +1097,11 @@ def run(args: dict, report: Callable[[str], None] = print) -> dict:
 
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
+    from .cpu_blas import warn_if_slow
     try:
         args = resolve_options(argv)
+        if dist.world().rank == 0:
+            warn_if_slow()
         run(args)
         return 0
     except (ValueError, OSError, KeyError, CheckpointError) as e:

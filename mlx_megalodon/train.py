@@ -1146,7 +1146,10 @@ def run(a) -> TrainResult:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .cpu_blas import warn_if_slow
     from .tokenizer import TokenizerError
+    if dist.world().rank == 0:
+        warn_if_slow()
     try:
         run(a)
     except (TrainError, DataError, ConfigError, CheckpointError, TokenizerError) as e:

@@ -12,3 +12,6 @@ for _p in (str(_TESTS.parent), str(_TESTS)):
 # fp32 (MLX defaults to TF32 there). No effect on the CPU and Metal backends.
 import os as _os
 _os.environ.setdefault("MLX_ENABLE_TF32", "0")
+# The CLIs' one-time "slow reference BLAS" note (mlx_megalodon.cpu_blas) would add a stderr line to
+# every CLI test on Linux CPU; tests/test_cpu_blas.py covers it.
+_os.environ.setdefault("MEGALODON_NO_BLAS_HINT", "1")
