@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mlx_megalodon.config import preset  # noqa: E402
+from mlx_megalodon.config import ModelArgs, preset  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.moving_average_gated_attention import chunk_attention  # noqa: E402
 from mlx_megalodon.train import DTYPES, cast_params  # noqa: E402
@@ -107,14 +107,20 @@ def profile(args, seq_len, rows, dtype_name):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mega200M")
+    p.add_argument("--tiny", action="store_true", help="the 2-layer, 128-dim config of peers.py --tiny (CPUs)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--seq-lens", default="4096,32768")
     p.add_argument("--tokens-per-step", type=int, default=32768)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    args = preset(a.preset, **({} if a.layers is None else {"num_layers": a.layers}))
-    meta = {"device": device_name(), "mlx": mx.__version__, "model": a.preset, "dtype": a.dtype,
+    overrides = {} if a.layers is None else {"num_layers": a.layers}
+    if a.tiny:
+        from benchmarks.peers import TINY
+        args = ModelArgs.from_dict({**TINY, **overrides})
+    else:
+        args = preset(a.preset, **overrides)
+    meta = {"device": device_name(), "mlx": mx.__version__, "model": "tiny" if a.tiny else a.preset, "dtype": a.dtype,
             "command": "python " + " ".join(sys.argv)}
     print(json.dumps(meta), flush=True)
     results = []

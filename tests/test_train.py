@@ -17,7 +17,7 @@ from mlx_megalodon.data import (BatchIterator, DataError, PackedDataset, TokenSt
                                 load_documents)
 from mlx_megalodon.tokenizer import Tokenizer
 from mlx_megalodon.train import (TrainConfig, TrainError, check_seq_len, latest_checkpoint, list_checkpoints,
-                                 loss_fn, lr_at, main, new_model, train, write_model_dir)
+                                 loss_fn, lr_at, main, new_model, resolve_compute_dtype, train, write_model_dir)
 from mlx_megalodon.train_tokenizer import main as tokenizer_main
 from mlx_megalodon.train_tokenizer import train_tokenizer
 from mlx_megalodon.utils import load
@@ -248,7 +248,14 @@ def test_resume_after_kill_matches_uninterrupted(stream, tmp_path):
     assert resumed.step == 8 and resumed.tokens == full.tokens
     for (k, a), (_, b) in zip(tree_flatten(full_model.parameters()), tree_flatten(resumed_model.parameters())):
         assert mx.array_equal(a, b).item(), k
+    # --dtype auto on resume continues in the run's recorded dtype (bfloat16 here, not the CPU's float32)
+    auto = train(tiny_model(), ds, None, cfg(iters=8, save_every=3, keep_checkpoints=5, compute_dtype="auto"),
+                 checkpoint_dir=tmp_path / "b", resume=True, quiet=True)
+    assert auto.step == 8 and auto.train_losses == full.train_losses
     # settings that change the run are refused on resume
+    with pytest.raises(TrainError, match="compute_dtype was 'bfloat16'"):
+        train(tiny_model(), ds, None, cfg(iters=8, save_every=3, compute_dtype="float32"),
+              checkpoint_dir=tmp_path / "b", resume=True, quiet=True)
     with pytest.raises(TrainError, match="learning_rate was 0.003"):
         train(tiny_model(), ds, None, cfg(iters=8, save_every=3, learning_rate=1e-3, compute_dtype="bfloat16"),
               checkpoint_dir=tmp_path / "b", resume=True, quiet=True)
@@ -327,6 +334,14 @@ def cli_tmp(tmp_path):
     return tmp_path
 
 
+def test_auto_compute_dtype_follows_the_device():
+    assert resolve_compute_dtype("bfloat16") == "bfloat16" and resolve_compute_dtype("float16") == "float16"
+    expected = "float32" if mx.default_device() == mx.cpu else "bfloat16"
+    assert resolve_compute_dtype("auto") == expected
+    with pytest.raises(TrainError, match="--dtype must be auto or one of"):
+        TrainConfig(compute_dtype="int8").validate()
+
+
 def test_cli_trains_writes_and_resumes(cli_tmp, corpus_dir):
     t = cli_tmp
     assert main(cli(t, corpus_dir, "--iters", "8", "--save-every", "3", "--keep-checkpoints", "5",
@@ -338,6 +353,8 @@ def test_cli_trains_writes_and_resumes(cli_tmp, corpus_dir):
     assert model.args.vocab_size == 64 and tokenizer.vocab_size == 64
     log_a = json.loads((out / "train_log.json").read_text())
     assert len(log_a["train_losses"]) == 8 and math.isfinite(log_a["final_val_ppl"])
+    # no --dtype: auto, recorded as the dtype it chose (float32 on MLX's CPU backend)
+    assert log_a["train_config"]["compute_dtype"] == resolve_compute_dtype("auto")
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000003", "step-00000006",
                                                                        "step-00000008"]
     # "kill" after the step-3 checkpoint: drop the later ones, then resume
