@@ -3,8 +3,11 @@
 MLX's Linux CPU wheel (``mlx[cpu]``) links the reference (netlib) BLAS it bundles in
 ``mlx_cpu.libs``, so matrix products on the CPU backend run 15-30x slower than with an optimized
 BLAS (BENCHMARKS.md measures both). OpenBLAS exports the same symbols, so preloading it speeds MLX
-up without rebuilding anything, and the results agree to float32 rounding. This module only
-detects the situation and prints the command; it never changes the running process.
+up without rebuilding anything, and the results agree to float32 rounding. Only float32 matmuls
+reach BLAS: MLX's CPU bf16 / fp16 matmuls run its own slow loops whatever is preloaded, so on the
+CPU large models decode and train faster in float32 (``generate --dtype float32``; ``train``'s
+default ``--dtype auto`` picks float32 there). This module only detects the situation and prints
+the command; it never changes the running process.
 
     python -m mlx_megalodon.cpu_blas        # says what this machine uses and what to run
 
