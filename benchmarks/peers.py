@@ -144,8 +144,11 @@ def resolve(a) -> dict:
     else:
         mega = preset(a.preset, **overrides)
         model_name = a.preset + ("" if a.layers is None else f" ({a.layers} layers)")
-    seq_lens = [parse_size(s) for s in a.seq_lens.split(",")]
-    contexts = [parse_size(s) for s in a.contexts.split(",")]
+    # An empty list skips that half of the work (e.g. --seq-lens "" for inference only).
+    seq_lens = [parse_size(s) for s in a.seq_lens.split(",") if s.strip()]
+    contexts = [parse_size(s) for s in a.contexts.split(",") if s.strip()]
+    if not seq_lens and not contexts:
+        raise UsageError("--seq-lens and --contexts are both empty: nothing to measure")
     for L in seq_lens:
         if L > mega.chunk_size and L % mega.chunk_size:
             raise UsageError(f"--seq-lens {L} must be at most chunk_size {mega.chunk_size} or a multiple of it")

@@ -102,6 +102,16 @@ def test_matched_llama_size_and_parse_size():
         parse_size("four")
 
 
+def test_empty_work_lists(tmp_path, capsys):
+    """--seq-lens "" measures inference only (and --contexts "" training only); both empty is an error."""
+    from benchmarks.peers import build_parser, main, resolve
+    a = build_parser().parse_args(["--tiny", "--seq-lens", "", "--contexts", "1K", "--out", str(tmp_path)])
+    settings = resolve(a)
+    assert settings["seq_lens"] == [] and settings["contexts"] == [1024]
+    assert main(["--tiny", "--seq-lens", "", "--contexts", " ", "--out", str(tmp_path)]) == 2
+    assert "both empty: nothing to measure" in capsys.readouterr().err
+
+
 def test_grad_checkpoint_on_the_llama_baseline():
     """--mlx-grad-checkpoint: the Trainer's checkpoint wrapper also serves blocks that take no
     doc_starts (the MLX Transformer), with the same loss and gradients as without it."""
