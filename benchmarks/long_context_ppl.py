@@ -49,6 +49,7 @@ for _p in (str(ROOT), str(ROOT / "scripts")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 from mlx_megalodon.data import TokenStream  # noqa: E402
+from mlx_megalodon.perplexity import bucket_ppl, size_label, stream_nll  # noqa: E402,F401
 from train_default_model import is_validation, stdlib_files  # noqa: E402  (the training split, verbatim)
 
 K = 1024
@@ -87,62 +88,7 @@ def build_sequence(tokenizer, docs: Sequence[Tuple[str, str]]) -> TokenStream:
 
 
 # ----------------------------------------------------------------------------- scoring
-def stream_nll(model, tokens, step: int = 2048, score_from: int = 1) -> np.ndarray:
-    """Feed ``tokens`` (1-D) through the model with a fresh cache, ``step`` tokens per call, and return
-    the NLL (float64, nats) of every token at position p >= ``score_from``:
-    ``out[p - score_from] = -log P(tokens[p] | tokens[:p])``. Position p was predicted after reading
-    p tokens. The tokens before ``score_from - 1`` are only ingested (``last_only`` calls: no logits
-    beyond the last are computed); with the default ``score_from=1`` every token but the first is scored."""
-    toks = np.asarray(tokens, dtype=np.int64)
-    n = toks.shape[0]
-    if not 1 <= score_from < n:
-        raise ValueError(f"score_from must be in [1, {n}), got {score_from}")
-    if step <= 0:
-        raise ValueError(f"step must be positive, got {step}")
-    cache = model.make_cache()
-    first = score_from - 1                  # the first token whose logits are needed
-    for start in range(0, first, step):     # context only
-        piece = toks[start:min(start + step, first)]
-        last = model(mx.array(piece[None], dtype=mx.int32), cache=cache, last_only=True)
-        mx.eval(last, [c.state for c in cache])
-        mx.clear_cache()
-    out = np.empty(n - score_from, dtype=np.float64)
-    prev = None                             # logits (1 x V) of the previous piece's last token
-    for start in range(first, n, step):
-        piece = toks[start:start + step]
-        logits = model(mx.array(piece[None], dtype=mx.int32), cache=cache)[0]          # L x V
-        if prev is None:                    # logits[i] predicts piece[i + 1]
-            logits_for, targets, lo = logits[:-1], piece[1:], 0
-        else:                               # prev predicts piece[0]
-            logits_for = mx.concatenate([prev, logits[:-1]], axis=0)
-            targets, lo = piece, start - score_from
-        prev = logits[-1:]
-        if targets.shape[0]:
-            t = mx.array(targets, dtype=mx.int32)
-            nll = mx.logsumexp(logits_for, axis=-1) - mx.take_along_axis(logits_for, t[:, None], axis=-1)[:, 0]
-            mx.eval(nll, prev, [c.state for c in cache])
-            out[lo:lo + targets.shape[0]] = np.array(nll, dtype=np.float64)
-        else:
-            mx.eval(prev, [c.state for c in cache])
-        mx.clear_cache()
-    return out
-
-
-def bucket_ppl(nll: np.ndarray, edges: Sequence[int] = DEFAULT_EDGES) -> List[dict]:
-    """Perplexity of the tokens whose position p (tokens already read; nll index p - 1) lies in
-    [edges[i], edges[i+1]), the last bucket running to the end. Empty buckets are left out."""
-    n_pos = nll.shape[0] + 1                     # positions 0 .. n_pos-1; position 0 is never predicted
-    bounds = list(edges) + [n_pos]
-    out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        hi = min(hi, n_pos)
-        a, b = max(lo, 1) - 1, hi - 1             # nll indices of positions max(lo,1) .. hi-1
-        if b <= a:
-            continue
-        mean = float(nll[a:b].mean())
-        out.append(dict(lo=int(lo), hi=int(hi), label=f"[{_k(lo)}, {_k(hi) if hi < n_pos else 'end'})",
-                        tokens=int(b - a), nll=mean, ppl=math.exp(mean)))
-    return out
+# stream_nll and bucket_ppl are the package's (mlx_megalodon.perplexity, the user-facing CLI).
 
 
 def context_ppl(model, tokens, contexts: Sequence[int] = DEFAULT_CONTEXTS, target: int = 2 * K,
@@ -163,12 +109,8 @@ def context_ppl(model, tokens, contexts: Sequence[int] = DEFAULT_CONTEXTS, targe
         out.append(dict(context=int(c), available=True, start=int(start), tokens=int(target), nll=mean,
                         ppl=math.exp(mean), seconds=time.perf_counter() - tic))
         if log:
-            log(f"context {_k(c)}: ppl {math.exp(mean):.3f} ({time.perf_counter() - tic:.1f}s)")
+            log(f"context {size_label(c)}: ppl {math.exp(mean):.3f} ({time.perf_counter() - tic:.1f}s)")
     return out
-
-
-def _k(n: int) -> str:
-    return f"{n // K}K" if n and n % K == 0 else str(n)
 
 
 def parse_sizes(text: str) -> List[int]:
