@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score at most this many tokens of the joined documents, e.g. 100K, 1M")
     p.add_argument("--step", type=_positive_int, default=None,
                    help="tokens per forward call (default: 4 chunks); memory grows with it, not with the text")
+    p.add_argument("--adapter-path", default=None, help="directory with LoRA / DoRA adapters to apply")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="compute dtype for the weights (default float32; CEMA and norms stay float32)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -119,6 +120,9 @@ def run(a) -> dict:
     from .utils import default_model_path, load
     model_path = a.model if a.model is not None else default_model_path()
     model, tokenizer = load(model_path, dtype=getattr(mx, a.dtype))
+    if a.adapter_path is not None:
+        from .lora import load_adapters
+        load_adapters(model, a.adapter_path)
     docs = load_documents(a.data)
     tokens = TokenStream.from_texts(tokenizer, [d.text for d in docs]).tokens
     if a.max_tokens is not None:
@@ -139,7 +143,7 @@ def run(a) -> dict:
             nll = stream_nll(model, tokens, step=step, progress=lambda n: bar.update(task, completed=n))
     seconds = time.perf_counter() - tic
     mean = float(nll.mean())
-    return dict(model=str(model_path), data=[str(d) for d in a.data], documents=len(docs),
+    return dict(model=str(model_path), adapter_path=a.adapter_path, data=[str(d) for d in a.data], documents=len(docs),
                 tokens=int(tokens.shape[0]), scored_tokens=int(nll.shape[0]), nll=mean, ppl=math.exp(mean),
                 by_position=bucket_ppl(nll), step=step, dtype=a.dtype, seconds=seconds,
                 tokens_per_s=tokens.shape[0] / seconds, peak_memory_gb=mx.get_peak_memory() / 1e9)

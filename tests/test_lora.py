@@ -371,3 +371,18 @@ def test_bad_adapter_dir_is_an_error_naming_the_file(trained, model_dir, tmp_pat
     assert generate_main(["--model", str(model_dir), "--adapter-path", str(d), "--prompt", "hi"]) != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "adapters.safetensors" in lines[0], lines
+
+
+def test_perplexity_cli_applies_adapters(trained, model_dir, data_dir, tmp_path):
+    """The streamed perplexity of the validation text falls with the trained adapters applied."""
+    from mlx_megalodon.perplexity import main as perplexity_main
+    ad = trained[0]
+    base, tuned = tmp_path / "base.json", tmp_path / "tuned.json"
+    data = str(data_dir / "valid.jsonl")
+    assert perplexity_main(["--model", str(model_dir), "--data", data, "--json", str(base), "--quiet"]) == 0
+    assert perplexity_main(["--model", str(model_dir), "--data", data, "--adapter-path", str(ad),
+                            "--json", str(tuned), "--quiet"]) == 0
+    base, tuned = json.loads(base.read_text()), json.loads(tuned.read_text())
+    assert base["tokens"] == tuned["tokens"] and tuned["adapter_path"] == str(ad)
+    assert tuned["ppl"] < 0.5 * base["ppl"], (base["ppl"], tuned["ppl"])
+
