@@ -263,8 +263,18 @@ def write_generated(directory: Optional[Path] = None) -> List[Path]:
 # ---------------------------------------------------------------------------------------------
 # Backends and launchers
 
+_disabled_reason: Optional[str] = None
+
+
 def kernels_enabled() -> bool:
-    return os.environ.get("MEGALODON_KERNELS", "1") != "0"
+    """MEGALODON_KERNELS != 0, and no failed first-use check (kernel_check) turned them off."""
+    return os.environ.get("MEGALODON_KERNELS", "1") != "0" and _disabled_reason is None
+
+
+def disable_kernels(reason: Optional[str]) -> None:
+    """Turn every kernel family off for this process (None turns them back on: tests)."""
+    global _disabled_reason
+    _disabled_reason = reason
 
 
 @lru_cache(maxsize=None)

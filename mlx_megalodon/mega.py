@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from .cache import MegalodonCache, TimestepNormCache
 from .config import ModelArgs
+from .kernel_check import ensure_kernels_work
 from .moving_average_gated_attention import MovingAverageGatedAttention
 from .normalized_feedforward_network import NormalizedFeedForwardNetwork
 from .timestep_norm import TimestepNorm, TimestepNormState
@@ -76,6 +77,7 @@ class MegaOutputLayer(nn.Module):
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        ensure_kernels_work()   # once per process, and only on a GPU backend nobody has measured
         self.args = args
         self.model_type = args.model_type
         self.embed = nn.Embedding(args.vocab_size, args.model_dim)
