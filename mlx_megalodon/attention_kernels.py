@@ -125,22 +125,9 @@ CPU_MAX_DIM = 64
 
 
 def generate_cpu() -> str:
-    """C++ running every kernel one thread at a time, with an extern "C" entry
-    `run_<kernel>(inputs..., outputs..., n_threads)` per kernel."""
-    header, _ = K.assemble("cpu", "attn_fwd")
-    parts = [header, "\n"]
-    for name, (ins, outs, _) in KERNELS.items():
-        _, src = K.assemble("cpu", name)
-        args = [f"const {ty}* {arg}" for arg, ty in ins] + [f"{ty}* {arg}" for arg, ty in outs]
-        parts.append(K.template_decl(KERNELS[name][2]) + f"static void {name}({', '.join(args)}, unsigned int mgk_cpu_tid) {{\n"
-                     + src + "}\n")
-        cargs = [f"const {'float' if ty == 'T' else ty}* {arg}" for arg, ty in ins] + \
-                [f"{'float' if ty == 'T' else ty}* {arg}" for arg, ty in outs]
-        names = ", ".join(a for a, _ in ins + outs)
-        targs = K.template_args(KERNELS[name][2], dict(T="float", W=1, NZ=CPU_MAX_DIM, NV=CPU_MAX_DIM, SL=1))
-        parts.append(f'extern "C" void run_{name}({", ".join(cargs)}, unsigned int n_threads) {{\n'
-                     f"  for (unsigned int t = 0; t < n_threads; ++t) {name}{targs}({names}, t);\n}}\n\n")
-    return "".join(parts)
+    """The attention kernels for the CPU emulation: one lane per row (W = SL = 1), float32,
+    head dims up to CPU_MAX_DIM."""
+    return K.generate_cpu_source(KERNELS, dict(T="float", W=1, NZ=CPU_MAX_DIM, NV=CPU_MAX_DIM, SL=1))
 
 
 class CpuLauncher:

@@ -227,22 +227,28 @@ def generate_cuda() -> str:
     return generate_cuda_source("cema_scan.body", KERNELS, _instances)
 
 
-def generate_cpu(npt: int, reset: int = 0) -> str:
-    """C++ that runs every kernel (T = float, NPT = npt, NSPLIT = 1, RESET = reset) one thread at a
-    time, with an extern "C" entry `run_<kernel>(inputs..., outputs..., n_threads)` per kernel."""
-    header, _ = assemble("cpu", "cema_fwd_final")
+def generate_cpu_source(kernels: Dict[str, Signature], values: Dict[str, object]) -> str:
+    """C++ that runs every kernel of one family one thread at a time with the template `values`
+    (T = float for the emulation), with an extern "C" entry `run_<kernel>(inputs..., outputs...,
+    n_threads)` per kernel; inputs and outputs of type T are float there."""
+    header, _ = assemble("cpu", next(iter(kernels)))
     parts = [header, "\n"]
-    for name, (ins, outs, _) in KERNELS.items():
+    for name, (ins, outs, tparams) in kernels.items():
         _, src = assemble("cpu", name)
         args = [f"const {ty}* {arg}" for arg, ty in ins] + [f"{ty}* {arg}" for arg, ty in outs]
-        parts.append(template_decl(KERNELS[name][2]) + f"static void {name}({', '.join(args)}, unsigned int mgk_cpu_tid) {{\n"
+        parts.append(template_decl(tparams) + f"static void {name}({', '.join(args)}, unsigned int mgk_cpu_tid) {{\n"
                      + src + "}\n")
         cargs = [f"const {'float' if ty == 'T' else ty}* {arg}" for arg, ty in ins] + \
                 [f"{'float' if ty == 'T' else ty}* {arg}" for arg, ty in outs]
         names = ", ".join(a for a, _ in ins + outs)
         parts.append(f'extern "C" void run_{name}({", ".join(cargs)}, unsigned int n_threads) {{\n'
-                     f"  for (unsigned int t = 0; t < n_threads; ++t) {name}{template_args(KERNELS[name][2], dict(T='float', NPT=npt, NSPLIT=1, RESET=reset))}({names}, t);\n}}\n\n")
+                     f"  for (unsigned int t = 0; t < n_threads; ++t) {name}{template_args(tparams, values)}({names}, t);\n}}\n\n")
     return "".join(parts)
+
+
+def generate_cpu(npt: int, reset: int = 0) -> str:
+    """The CEMA kernels for the CPU emulation (T = float, NPT = npt, NSPLIT = 1, RESET = reset)."""
+    return generate_cpu_source(KERNELS, dict(T="float", NPT=npt, NSPLIT=1, RESET=reset))
 
 
 def write_generated(directory: Optional[Path] = None) -> List[Path]:
