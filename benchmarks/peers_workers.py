@@ -54,6 +54,15 @@ EXTRA_SYSTEMS_ENV = "PEERS_EXTRA_SYSTEMS"
 LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 
 
+def inference_record(context, prefill_s, prefill_peak_gb, decode_tokens, decode_s, decode_memory_gb,
+                     decode_memory_kind, prefill_mode) -> dict:
+    """One system's prefill + decode measurement, in the fields every report reads."""
+    return {"prefill_tokens_per_s": context / prefill_s, "prefill_s": prefill_s,
+            "prefill_peak_memory_gb": prefill_peak_gb, "decode_tokens_per_s": decode_tokens / decode_s,
+            "decode_peak_memory_gb": decode_memory_gb, "decode_memory_kind": decode_memory_kind,
+            "prefill_mode": prefill_mode}
+
+
 class Unavailable(Exception):
     """The system cannot run here (package missing, no device); the message says why."""
 
@@ -165,10 +174,8 @@ class MLXSystem:
             mx.async_eval(y)
         mx.eval(y)
         decode_s = time.perf_counter() - tic
-        return {"prefill_tokens_per_s": context / prefill_s, "prefill_s": prefill_s,
-                "prefill_peak_memory_gb": prefill_peak, "decode_tokens_per_s": decode_tokens / decode_s,
-                "decode_peak_memory_gb": self.peak_gb(), "decode_memory_kind": "peak",
-                "prefill_mode": f"chunked, {step} tokens per call"}
+        return inference_record(context, prefill_s, prefill_peak, decode_tokens, decode_s, self.peak_gb(), "peak",
+                                f"chunked, {step} tokens per call")
 
 
 class MLXMegalodon(MLXSystem):
@@ -353,10 +360,8 @@ class TorchSystem:
             y = model(y, cache=cache)[:, -1].argmax(-1).reshape(1, 1)
         self.sync()
         decode_s = time.perf_counter() - tic
-        return {"prefill_tokens_per_s": context / prefill_s, "prefill_s": prefill_s,
-                "prefill_peak_memory_gb": prefill_peak, "decode_tokens_per_s": decode_tokens / decode_s,
-                "decode_peak_memory_gb": self.peak_gb(), "decode_memory_kind": "peak",
-                "prefill_mode": f"chunked, {step} tokens per call"}
+        return inference_record(context, prefill_s, prefill_peak, decode_tokens, decode_s, self.peak_gb(), "peak",
+                                f"chunked, {step} tokens per call")
 
 
 class TorchMegalodon(TorchSystem):
@@ -615,12 +620,11 @@ class JaxMegalodon:
             y, cache = decode(model, y, cache)
         self.sync((y, cache))
         decode_s = time.perf_counter() - tic
-        return {"prefill_tokens_per_s": context / prefill_s, "prefill_s": prefill_s,
+        return {**inference_record(context, prefill_s, prefill_peak, decode_tokens, decode_s, self.in_use_gb(),
+                                   "in use after decoding",
+                                   "one call over the whole context (its cached path is a per-token scan)"),
                 "prefill_compile_s": max(0.0, first_prefill_s - prefill_s),
-                "decode_compile_s": max(0.0, first_decode_s - decode_s / decode_tokens),
-                "prefill_peak_memory_gb": prefill_peak, "decode_tokens_per_s": decode_tokens / decode_s,
-                "decode_peak_memory_gb": self.in_use_gb(), "decode_memory_kind": "in use after decoding",
-                "prefill_mode": "one call over the whole context (its cached path is a per-token scan)"}
+                "decode_compile_s": max(0.0, first_decode_s - decode_s / decode_tokens)}
 
 
 def _dist_version(name):
