@@ -258,6 +258,13 @@ const unsigned int tid = thread_position_in_grid.x;
 //         h0_re, h0_im (B x D x N), h_in (B x (NC-1) x 2 x N x D; chunk 0 starts from h0),
 //         starts (B x L), params
 // outputs: y (float32, B x L x D), h_out_re, h_out_im (B x D x N)
+// The loop carries g = h / ps with ps = p (see below): g_t = q g_{t-1} + x_t needs no p x product
+// (6 instead of 7 FP32 instructions per (t, n)); y_t = Re sum (gamma ps) g_t + omega x_t, and the
+// final state is ps g. ps is p with its magnitude floored at 1e-30 (sign kept; NaN kept, so a NaN p
+// still shows in y): p = sigmoid(...) can underflow to 0, and h / 0 would be inf. With the same
+// ps in all three places the only change is that an |p| < 1e-30 weighs x by ps instead of p, an
+// absolute error below 2e-30 |x| per step; the chunk's incoming state passes through exactly
+// (h / ps overflows only for |h| > 3e8 with |p| < 1e-30, while the state such a p builds is ~ p |x|).
 const int N = NPT * NSPLIT;
 const int B = params[0];
 const int L = params[1];
@@ -279,10 +286,9 @@ const int len = (c == NC - 1) ? LAST : C;
 
 float qr[NPT];
 float qi[NPT];
-float pp[NPT];
-float gr[NPT];
-float ngi[NPT];
-float hr[NPT];
+float gr[NPT];   // Re(gamma ps)
+float ngi[NPT];  // -Im(gamma ps)
+float hr[NPT];   // g = h / ps
 float hi[NPT];
 const mgk_idx ib = (mgk_idx)(b * (NC - 1) + (c - 1)) * (mgk_idx)(2 * N);  // used when c > 0
 const mgk_idx si = ((mgk_idx)b * (mgk_idx)D + (mgk_idx)d) * (mgk_idx)N;
@@ -291,15 +297,17 @@ for (int k = 0; k < NPT; ++k) {
   const MgkC q = mgk_polar(log_mag[d * N + n], phase[d * N + n]);
   qr[k] = q.r;
   qi[k] = q.i;
-  pp[k] = p[d * N + n];
-  gr[k] = gamma_re[d * N + n];
-  ngi[k] = -gamma_im[d * N + n];
+  const float pn = p[d * N + n];
+  const float ps = (pn < 1e-30f && pn > -1e-30f) ? 1e-30f : pn;
+  gr[k] = gamma_re[d * N + n] * ps;
+  ngi[k] = -gamma_im[d * N + n] * ps;
+  const float inv = 1.0f / ps;
   if (c == 0) {
-    hr[k] = h0_re[si + (mgk_idx)n];
-    hi[k] = h0_im[si + (mgk_idx)n];
+    hr[k] = h0_re[si + (mgk_idx)n] * inv;
+    hi[k] = h0_im[si + (mgk_idx)n] * inv;
   } else {
-    hr[k] = h_in[(ib + (mgk_idx)n) * (mgk_idx)D + (mgk_idx)d];
-    hi[k] = h_in[(ib + (mgk_idx)(N + n)) * (mgk_idx)D + (mgk_idx)d];
+    hr[k] = h_in[(ib + (mgk_idx)n) * (mgk_idx)D + (mgk_idx)d] * inv;
+    hi[k] = h_in[(ib + (mgk_idx)(N + n)) * (mgk_idx)D + (mgk_idx)d] * inv;
   }
 }
 const float om = omega[d];
@@ -323,7 +331,7 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
     }
     float acc = 0.0f;
     for (int k = 0; k < NPT; ++k) {
-      const float r = qr[k] * hr[k] - qi[k] * hi[k] + pp[k] * xs[u];
+      const float r = qr[k] * hr[k] - qi[k] * hi[k] + xs[u];
       hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
       hr[k] = r;
       acc += gr[k] * hr[k] + ngi[k] * hi[k];
@@ -344,7 +352,7 @@ for (; j < len; ++j) {
   }
   float acc = 0.0f;
   for (int k = 0; k < NPT; ++k) {
-    const float r = qr[k] * hr[k] - qi[k] * hi[k] + pp[k] * xv;
+    const float r = qr[k] * hr[k] - qi[k] * hi[k] + xv;
     hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
     hr[k] = r;
     acc += gr[k] * hr[k] + ngi[k] * hi[k];
@@ -357,8 +365,10 @@ for (; j < len; ++j) {
 if (c == NC - 1) {
   for (int k = 0; k < NPT; ++k) {
     const int n = split * NPT + k;
-    h_out_re[si + (mgk_idx)n] = hr[k];
-    h_out_im[si + (mgk_idx)n] = hi[k];
+    const float pn = p[d * N + n];
+    const float ps = (pn < 1e-30f && pn > -1e-30f) ? 1e-30f : pn;
+    h_out_re[si + (mgk_idx)n] = ps * hr[k];
+    h_out_im[si + (mgk_idx)n] = ps * hi[k];
   }
 }
 }
@@ -370,7 +380,7 @@ template [[host_name("cema_fwd_final_float_16_1_1")]] [[kernel]] decltype(cema_f
 template [[host_name("cema_fwd_final_bfloat16_t_8_2_1")]] [[kernel]] decltype(cema_fwd_final<bfloat16_t, 8, 2, 1>) cema_fwd_final<bfloat16_t, 8, 2, 1>;
 
 // ---- kernel cema_bwd_local
-template <int NPT, int NSPLIT, int RESET>
+template <int NPT, int NSPLIT, int RESET, int GHT0>
 [[kernel]] void cema_bwd_local(
   const device float* gy [[buffer(0)]],
   const device float* log_mag [[buffer(1)]],
@@ -384,7 +394,8 @@ template <int NPT, int NSPLIT, int RESET>
 const unsigned int tid = thread_position_in_grid.x;
 // inputs: gy (float32, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), starts (B x L), params
 // output: loc (B x (NC-1) x 6 x N x D): (A, K, V) leaving the start of chunk c = 1..NC-1
-//         (stored at c-1) when the carries entering its end are zero
+//         (stored at c-1) when the carries entering its end are zero (GHT0 = 1: the gamma-free
+//         carries Q nu, kappa', nu; gamma_re / gamma_im are not read)
 const int N = NPT * NSPLIT;
 const int B = params[0];
 const int L = params[1];
@@ -407,9 +418,9 @@ const int len = (c == NC - 1) ? LAST : C;
 
 float qr[NPT];
 float qi[NPT];
-float vr[NPT];  // V = Q nu_{t+1}
+float vr[NPT];  // V = Q nu_{t+1}  (GHT0 = 1: nu_{t+1})
 float vi[NPT];
-float kr[NPT];  // K_nu = kappa driven by nu (mu = conj(gamma) nu from a zero start)
+float kr[NPT];  // K_nu = kappa driven by nu (mu = conj(gamma) nu from a zero start) = kappa'
 float ki[NPT];
 for (int k = 0; k < NPT; ++k) {
   const int n = split * NPT + k;
@@ -436,14 +447,25 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
   }
   for (int u = 0; u < MGK_UNROLL; ++u) {
     for (int k = 0; k < NPT; ++k) {
-      const float nr = vr[k] + gs[u];  // nu_t
-      const float ni = vi[k];
-      // K_{t-1} = nu_t + Q K_t ;  V_{t-1} = Q nu_t   (Q z = (qr zr + qi zi, qr zi - qi zr))
-      const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
-      ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
-      kr[k] = kr2;
-      vr[k] = qr[k] * nr + qi[k] * ni;
-      vi[k] = qr[k] * ni - qi[k] * nr;
+      if (GHT0 != 0) {
+        // nu_t = gy_t + Q nu_{t+1} (carried as nu: no separate add);  K_{t-1} = nu_t + Q K_t
+        const float nr = gs[u] + qr[k] * vr[k] + qi[k] * vi[k];
+        const float ni = qr[k] * vi[k] - qi[k] * vr[k];
+        const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
+        ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+        kr[k] = kr2;
+        vr[k] = nr;
+        vi[k] = ni;
+      } else {
+        const float nr = vr[k] + gs[u];  // nu_t
+        const float ni = vi[k];
+        // K_{t-1} = nu_t + Q K_t ;  V_{t-1} = Q nu_t   (Q z = (qr zr + qi zi, qr zi - qi zr))
+        const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
+        ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+        kr[k] = kr2;
+        vr[k] = qr[k] * nr + qi[k] * ni;
+        vi[k] = qr[k] * ni - qi[k] * nr;
+      }
     }
     if (RESET != 0 && cut[u]) {  // t is a document start: nothing flows on to t-1
       for (int k = 0; k < NPT; ++k) {
@@ -458,13 +480,23 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
 for (; j < len; ++j) {
   const float gv = gy[base - (mgk_idx)j * (mgk_idx)D];
   for (int k = 0; k < NPT; ++k) {
-    const float nr = vr[k] + gv;
-    const float ni = vi[k];
-    const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
-    ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
-    kr[k] = kr2;
-    vr[k] = qr[k] * nr + qi[k] * ni;
-    vi[k] = qr[k] * ni - qi[k] * nr;
+    if (GHT0 != 0) {
+      const float nr = gv + qr[k] * vr[k] + qi[k] * vi[k];
+      const float ni = qr[k] * vi[k] - qi[k] * vr[k];
+      const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
+      ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+      kr[k] = kr2;
+      vr[k] = nr;
+      vi[k] = ni;
+    } else {
+      const float nr = vr[k] + gv;
+      const float ni = vi[k];
+      const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
+      ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+      kr[k] = kr2;
+      vr[k] = qr[k] * nr + qi[k] * ni;
+      vi[k] = qr[k] * ni - qi[k] * nr;
+    }
   }
   if (RESET != 0 && starts[sb - (mgk_idx)j] == tl - j) {
     for (int k = 0; k < NPT; ++k) {
@@ -478,6 +510,15 @@ for (; j < len; ++j) {
 const mgk_idx ob = (mgk_idx)(b * NCm1 + (c - 1)) * (mgk_idx)(6 * N);
 for (int k = 0; k < NPT; ++k) {
   const int n = split * NPT + k;
+  if (GHT0 != 0) {  // A = Q nu_s, K = kappa'_{s-1}, V = nu_s (s the chunk's first step)
+    loc[(ob + (mgk_idx)(0 * N + n)) * (mgk_idx)D + (mgk_idx)d] = qr[k] * vr[k] + qi[k] * vi[k];
+    loc[(ob + (mgk_idx)(1 * N + n)) * (mgk_idx)D + (mgk_idx)d] = qr[k] * vi[k] - qi[k] * vr[k];
+    loc[(ob + (mgk_idx)(2 * N + n)) * (mgk_idx)D + (mgk_idx)d] = kr[k];
+    loc[(ob + (mgk_idx)(3 * N + n)) * (mgk_idx)D + (mgk_idx)d] = ki[k];
+    loc[(ob + (mgk_idx)(4 * N + n)) * (mgk_idx)D + (mgk_idx)d] = vr[k];
+    loc[(ob + (mgk_idx)(5 * N + n)) * (mgk_idx)D + (mgk_idx)d] = vi[k];
+    continue;
+  }
   const float cr = gamma_re[d * N + n];  // conj(gamma) z = (cr zr + ci zi, cr zi - ci zr)
   const float ci = gamma_im[d * N + n];
   loc[(ob + (mgk_idx)(0 * N + n)) * (mgk_idx)D + (mgk_idx)d] = cr * vr[k] + ci * vi[k];
@@ -488,11 +529,16 @@ for (int k = 0; k < NPT; ++k) {
   loc[(ob + (mgk_idx)(5 * N + n)) * (mgk_idx)D + (mgk_idx)d] = vi[k];
 }
 }
-template [[host_name("cema_bwd_local_16_1_0")]] [[kernel]] decltype(cema_bwd_local<16, 1, 0>) cema_bwd_local<16, 1, 0>;
-template [[host_name("cema_bwd_local_4_4_0")]] [[kernel]] decltype(cema_bwd_local<4, 4, 0>) cema_bwd_local<4, 4, 0>;
-template [[host_name("cema_bwd_local_8_2_0")]] [[kernel]] decltype(cema_bwd_local<8, 2, 0>) cema_bwd_local<8, 2, 0>;
-template [[host_name("cema_bwd_local_16_1_1")]] [[kernel]] decltype(cema_bwd_local<16, 1, 1>) cema_bwd_local<16, 1, 1>;
-template [[host_name("cema_bwd_local_8_2_1")]] [[kernel]] decltype(cema_bwd_local<8, 2, 1>) cema_bwd_local<8, 2, 1>;
+template [[host_name("cema_bwd_local_16_1_0_0")]] [[kernel]] decltype(cema_bwd_local<16, 1, 0, 0>) cema_bwd_local<16, 1, 0, 0>;
+template [[host_name("cema_bwd_local_16_1_0_1")]] [[kernel]] decltype(cema_bwd_local<16, 1, 0, 1>) cema_bwd_local<16, 1, 0, 1>;
+template [[host_name("cema_bwd_local_4_4_0_0")]] [[kernel]] decltype(cema_bwd_local<4, 4, 0, 0>) cema_bwd_local<4, 4, 0, 0>;
+template [[host_name("cema_bwd_local_4_4_0_1")]] [[kernel]] decltype(cema_bwd_local<4, 4, 0, 1>) cema_bwd_local<4, 4, 0, 1>;
+template [[host_name("cema_bwd_local_8_2_0_0")]] [[kernel]] decltype(cema_bwd_local<8, 2, 0, 0>) cema_bwd_local<8, 2, 0, 0>;
+template [[host_name("cema_bwd_local_8_2_0_1")]] [[kernel]] decltype(cema_bwd_local<8, 2, 0, 1>) cema_bwd_local<8, 2, 0, 1>;
+template [[host_name("cema_bwd_local_16_1_1_0")]] [[kernel]] decltype(cema_bwd_local<16, 1, 1, 0>) cema_bwd_local<16, 1, 1, 0>;
+template [[host_name("cema_bwd_local_16_1_1_1")]] [[kernel]] decltype(cema_bwd_local<16, 1, 1, 1>) cema_bwd_local<16, 1, 1, 1>;
+template [[host_name("cema_bwd_local_8_2_1_0")]] [[kernel]] decltype(cema_bwd_local<8, 2, 1, 0>) cema_bwd_local<8, 2, 1, 0>;
+template [[host_name("cema_bwd_local_8_2_1_1")]] [[kernel]] decltype(cema_bwd_local<8, 2, 1, 1>) cema_bwd_local<8, 2, 1, 1>;
 
 // ---- kernel cema_bwd_combine
 template <int NPT, int NSPLIT, int RESET>
@@ -587,7 +633,7 @@ template [[host_name("cema_bwd_combine_16_1_1")]] [[kernel]] decltype(cema_bwd_c
 template [[host_name("cema_bwd_combine_8_2_1")]] [[kernel]] decltype(cema_bwd_combine<8, 2, 1>) cema_bwd_combine<8, 2, 1>;
 
 // ---- kernel cema_bwd_final
-template <typename T, int NPT, int NSPLIT, int RESET>
+template <typename T, int NPT, int NSPLIT, int RESET, int GHT0>
 [[kernel]] void cema_bwd_final(
   const device T* x [[buffer(0)]],
   const device float* gy [[buffer(1)]],
@@ -616,6 +662,9 @@ const unsigned int tid = thread_position_in_grid.x;
 //         starts (B x L), params
 // outputs: gx (T, B x L x D), part (B*NC x 5 x N x D: gp, gq re/im, ggamma re/im),
 //          gomega (B*NC x D), gh0_re, gh0_im (B x D x N)
+// GHT0 = 1: ghT is taken as zero (not read) and `carry` holds the gamma-free carries
+// (Q nu, kappa', nu); the loop keeps nu_{t+1} in (vr, vi) and kappa'_t in (kr, ki), ar / ai / sp
+// are unused, and conj(gamma) is applied in the epilogue.
 const int N = NPT * NSPLIT;
 const int B = params[0];
 const int L = params[1];
@@ -644,10 +693,12 @@ float ar[NPT];  // A = Q mu_{t+1}
 float ai[NPT];
 float kr[NPT];  // K = kappa_t
 float ki[NPT];
-float vr[NPT];  // V = Q nu_{t+1}
+float vr[NPT];  // V = Q nu_{t+1}  (GHT0 = 1: nu_{t+1})
 float vi[NPT];
+float pgr[NPT];  // p gamma: gx weight of nu (GHT0 = 1), Re(p conj(gamma) nu) = pgr nr + pgi ni
+float pgi[NPT];
 float sp[NPT];  // sum x Re mu
-float skr[NPT];  // sum x kappa
+float skr[NPT];  // sum x kappa  (GHT0 = 1: sum x kappa')
 float ski[NPT];
 float snr[NPT];  // sum x nu
 float sni[NPT];
@@ -661,16 +712,18 @@ for (int k = 0; k < NPT; ++k) {
   pp[k] = p[d * N + n];
   gr[k] = gamma_re[d * N + n];
   gi[k] = gamma_im[d * N + n];
+  pgr[k] = pp[k] * gr[k];
+  pgi[k] = pp[k] * gi[k];
   if (c == NC - 1) {
-    ar[k] = ghT_re[si + (mgk_idx)n];
-    ai[k] = ghT_im[si + (mgk_idx)n];
+    ar[k] = GHT0 != 0 ? 0.0f : ghT_re[si + (mgk_idx)n];
+    ai[k] = GHT0 != 0 ? 0.0f : ghT_im[si + (mgk_idx)n];
     kr[k] = 0.0f;
     ki[k] = 0.0f;
     vr[k] = 0.0f;
     vi[k] = 0.0f;
   } else {
-    ar[k] = carry[(cb + (mgk_idx)(0 * N + n)) * (mgk_idx)D + (mgk_idx)d];
-    ai[k] = carry[(cb + (mgk_idx)(1 * N + n)) * (mgk_idx)D + (mgk_idx)d];
+    ar[k] = GHT0 != 0 ? 0.0f : carry[(cb + (mgk_idx)(0 * N + n)) * (mgk_idx)D + (mgk_idx)d];
+    ai[k] = GHT0 != 0 ? 0.0f : carry[(cb + (mgk_idx)(1 * N + n)) * (mgk_idx)D + (mgk_idx)d];
     kr[k] = carry[(cb + (mgk_idx)(2 * N + n)) * (mgk_idx)D + (mgk_idx)d];
     ki[k] = carry[(cb + (mgk_idx)(3 * N + n)) * (mgk_idx)D + (mgk_idx)d];
     vr[k] = carry[(cb + (mgk_idx)(4 * N + n)) * (mgk_idx)D + (mgk_idx)d];
@@ -703,23 +756,38 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
     const float gv = gs[u];
     float acc = 0.0f;
     for (int k = 0; k < NPT; ++k) {
-      const float mr = ar[k] + gr[k] * gv;  // mu_t
-      const float mi = ai[k] - gi[k] * gv;
-      const float nr = vr[k] + gv;  // nu_t
-      const float ni = vi[k];
-      skr[k] += xv * kr[k];
-      ski[k] += xv * ki[k];
-      snr[k] += xv * nr;
-      sni[k] += xv * ni;
-      sp[k] += xv * mr;
-      acc += pp[k] * mr;
-      const float kr2 = mr + qr[k] * kr[k] + qi[k] * ki[k];
-      ki[k] = mi + qr[k] * ki[k] - qi[k] * kr[k];
-      kr[k] = kr2;
-      ar[k] = qr[k] * mr + qi[k] * mi;
-      ai[k] = qr[k] * mi - qi[k] * mr;
-      vr[k] = qr[k] * nr + qi[k] * ni;
-      vi[k] = qr[k] * ni - qi[k] * nr;
+      if (GHT0 != 0) {
+        const float nr = gv + qr[k] * vr[k] + qi[k] * vi[k];  // nu_t = gy_t + Q nu_{t+1}
+        const float ni = qr[k] * vi[k] - qi[k] * vr[k];
+        skr[k] += xv * kr[k];
+        ski[k] += xv * ki[k];
+        snr[k] += xv * nr;
+        sni[k] += xv * ni;
+        acc += pgr[k] * nr + pgi[k] * ni;
+        const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];  // kappa'_{t-1} = nu_t + Q kappa'_t
+        ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+        kr[k] = kr2;
+        vr[k] = nr;
+        vi[k] = ni;
+      } else {
+        const float mr = ar[k] + gr[k] * gv;  // mu_t
+        const float mi = ai[k] - gi[k] * gv;
+        const float nr = vr[k] + gv;  // nu_t
+        const float ni = vi[k];
+        skr[k] += xv * kr[k];
+        ski[k] += xv * ki[k];
+        snr[k] += xv * nr;
+        sni[k] += xv * ni;
+        sp[k] += xv * mr;
+        acc += pp[k] * mr;
+        const float kr2 = mr + qr[k] * kr[k] + qi[k] * ki[k];
+        ki[k] = mi + qr[k] * ki[k] - qi[k] * kr[k];
+        kr[k] = kr2;
+        ar[k] = qr[k] * mr + qi[k] * mi;
+        ai[k] = qr[k] * mi - qi[k] * mr;
+        vr[k] = qr[k] * nr + qi[k] * ni;
+        vi[k] = qr[k] * ni - qi[k] * nr;
+      }
     }
     if (RESET != 0 && cut[u]) {  // t is a document start: nothing flows on to t-1
       for (int k = 0; k < NPT; ++k) {
@@ -743,23 +811,38 @@ for (; j < len; ++j) {
   const float gv = gy[base - (mgk_idx)j * (mgk_idx)D];
   float acc = 0.0f;
   for (int k = 0; k < NPT; ++k) {
-    const float mr = ar[k] + gr[k] * gv;
-    const float mi = ai[k] - gi[k] * gv;
-    const float nr = vr[k] + gv;
-    const float ni = vi[k];
-    skr[k] += xv * kr[k];
-    ski[k] += xv * ki[k];
-    snr[k] += xv * nr;
-    sni[k] += xv * ni;
-    sp[k] += xv * mr;
-    acc += pp[k] * mr;
-    const float kr2 = mr + qr[k] * kr[k] + qi[k] * ki[k];
-    ki[k] = mi + qr[k] * ki[k] - qi[k] * kr[k];
-    kr[k] = kr2;
-    ar[k] = qr[k] * mr + qi[k] * mi;
-    ai[k] = qr[k] * mi - qi[k] * mr;
-    vr[k] = qr[k] * nr + qi[k] * ni;
-    vi[k] = qr[k] * ni - qi[k] * nr;
+    if (GHT0 != 0) {
+      const float nr = gv + qr[k] * vr[k] + qi[k] * vi[k];
+      const float ni = qr[k] * vi[k] - qi[k] * vr[k];
+      skr[k] += xv * kr[k];
+      ski[k] += xv * ki[k];
+      snr[k] += xv * nr;
+      sni[k] += xv * ni;
+      acc += pgr[k] * nr + pgi[k] * ni;
+      const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
+      ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+      kr[k] = kr2;
+      vr[k] = nr;
+      vi[k] = ni;
+    } else {
+      const float mr = ar[k] + gr[k] * gv;
+      const float mi = ai[k] - gi[k] * gv;
+      const float nr = vr[k] + gv;
+      const float ni = vi[k];
+      skr[k] += xv * kr[k];
+      ski[k] += xv * ki[k];
+      snr[k] += xv * nr;
+      sni[k] += xv * ni;
+      sp[k] += xv * mr;
+      acc += pp[k] * mr;
+      const float kr2 = mr + qr[k] * kr[k] + qi[k] * ki[k];
+      ki[k] = mi + qr[k] * ki[k] - qi[k] * kr[k];
+      kr[k] = kr2;
+      ar[k] = qr[k] * mr + qi[k] * mi;
+      ai[k] = qr[k] * mi - qi[k] * mr;
+      vr[k] = qr[k] * nr + qi[k] * ni;
+      vi[k] = qr[k] * ni - qi[k] * nr;
+    }
   }
   if (RESET != 0 && starts[sb - (mgk_idx)j] == tl - j) {
     for (int k = 0; k < NPT; ++k) {
@@ -782,6 +865,41 @@ for (; j < len; ++j) {
 const mgk_idx pb = (mgk_idx)(b * NC + c) * (mgk_idx)(5 * N);
 for (int k = 0; k < NPT; ++k) {
   const int n = split * NPT + k;
+  if (GHT0 != 0) {
+    // Back from the gamma-free sums: conj(gamma) z = (cr zr + ci zi, cr zi - ci zr).
+    // sum x Re mu = Re(conj(gamma) sum x nu);  gq = p conj(gamma) sum x kappa' (+ conj(h0) kappa_{-1}).
+    // p and gamma are read again here rather than held in registers through the loop.
+    const float pn = p[d * N + n];
+    const float cr = gamma_re[d * N + n];
+    const float ci = gamma_im[d * N + n];
+    const float gsp = cr * snr[k] + ci * sni[k];
+    float gqr = pn * (cr * skr[k] + ci * ski[k]);
+    float gqi = pn * (cr * ski[k] - ci * skr[k]);
+    float ggr = pn * snr[k];
+    float ggi = pn * sni[k];
+    if (c == 0) {
+      // (vr, vi) = r_0 nu_0, (kr, ki) = r_0 kappa'_{-1}: Q nu_0 for ggamma, conj(gamma) Q nu_0 = gh0,
+      // kappa_{-1} = conj(gamma) kappa'_{-1} for gq.
+      const float h0r = h0_re[si + (mgk_idx)n];
+      const float h0i = h0_im[si + (mgk_idx)n];
+      const float wr = qr[k] * vr[k] + qi[k] * vi[k];
+      const float wi = qr[k] * vi[k] - qi[k] * vr[k];
+      const float kmr = cr * kr[k] + ci * ki[k];
+      const float kmi = cr * ki[k] - ci * kr[k];
+      gqr += h0r * kmr + h0i * kmi;
+      gqi += h0r * kmi - h0i * kmr;
+      ggr += h0r * wr + h0i * wi;
+      ggi += h0r * wi - h0i * wr;
+      gh0_re[si + (mgk_idx)n] = cr * wr + ci * wi;
+      gh0_im[si + (mgk_idx)n] = cr * wi - ci * wr;
+    }
+    part[(pb + (mgk_idx)(0 * N + n)) * (mgk_idx)D + (mgk_idx)d] = gsp;
+    part[(pb + (mgk_idx)(1 * N + n)) * (mgk_idx)D + (mgk_idx)d] = gqr;
+    part[(pb + (mgk_idx)(2 * N + n)) * (mgk_idx)D + (mgk_idx)d] = gqi;
+    part[(pb + (mgk_idx)(3 * N + n)) * (mgk_idx)D + (mgk_idx)d] = ggr;
+    part[(pb + (mgk_idx)(4 * N + n)) * (mgk_idx)D + (mgk_idx)d] = ggi;
+    continue;
+  }
   float gqr = pp[k] * skr[k];
   float gqi = pp[k] * ski[k];
   float ggr = pp[k] * snr[k];
@@ -807,10 +925,16 @@ if (split == 0) {
   gomega[(mgk_idx)(b * NC + c) * (mgk_idx)D + (mgk_idx)d] = som;
 }
 }
-template [[host_name("cema_bwd_final_float_16_1_0")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 0>) cema_bwd_final<float, 16, 1, 0>;
-template [[host_name("cema_bwd_final_float_4_4_0")]] [[kernel]] decltype(cema_bwd_final<float, 4, 4, 0>) cema_bwd_final<float, 4, 4, 0>;
-template [[host_name("cema_bwd_final_bfloat16_t_8_2_0")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 0>) cema_bwd_final<bfloat16_t, 8, 2, 0>;
-template [[host_name("cema_bwd_final_half_4_4_0")]] [[kernel]] decltype(cema_bwd_final<half, 4, 4, 0>) cema_bwd_final<half, 4, 4, 0>;
-template [[host_name("cema_bwd_final_float_16_1_1")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 1>) cema_bwd_final<float, 16, 1, 1>;
-template [[host_name("cema_bwd_final_bfloat16_t_8_2_1")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 1>) cema_bwd_final<bfloat16_t, 8, 2, 1>;
+template [[host_name("cema_bwd_final_float_16_1_0_0")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 0, 0>) cema_bwd_final<float, 16, 1, 0, 0>;
+template [[host_name("cema_bwd_final_float_16_1_0_1")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 0, 1>) cema_bwd_final<float, 16, 1, 0, 1>;
+template [[host_name("cema_bwd_final_float_4_4_0_0")]] [[kernel]] decltype(cema_bwd_final<float, 4, 4, 0, 0>) cema_bwd_final<float, 4, 4, 0, 0>;
+template [[host_name("cema_bwd_final_float_4_4_0_1")]] [[kernel]] decltype(cema_bwd_final<float, 4, 4, 0, 1>) cema_bwd_final<float, 4, 4, 0, 1>;
+template [[host_name("cema_bwd_final_bfloat16_t_8_2_0_0")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 0, 0>) cema_bwd_final<bfloat16_t, 8, 2, 0, 0>;
+template [[host_name("cema_bwd_final_bfloat16_t_8_2_0_1")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 0, 1>) cema_bwd_final<bfloat16_t, 8, 2, 0, 1>;
+template [[host_name("cema_bwd_final_half_4_4_0_0")]] [[kernel]] decltype(cema_bwd_final<half, 4, 4, 0, 0>) cema_bwd_final<half, 4, 4, 0, 0>;
+template [[host_name("cema_bwd_final_half_4_4_0_1")]] [[kernel]] decltype(cema_bwd_final<half, 4, 4, 0, 1>) cema_bwd_final<half, 4, 4, 0, 1>;
+template [[host_name("cema_bwd_final_float_16_1_1_0")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 1, 0>) cema_bwd_final<float, 16, 1, 1, 0>;
+template [[host_name("cema_bwd_final_float_16_1_1_1")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 1, 1>) cema_bwd_final<float, 16, 1, 1, 1>;
+template [[host_name("cema_bwd_final_bfloat16_t_8_2_1_0")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 1, 0>) cema_bwd_final<bfloat16_t, 8, 2, 1, 0>;
+template [[host_name("cema_bwd_final_bfloat16_t_8_2_1_1")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 1, 1>) cema_bwd_final<bfloat16_t, 8, 2, 1, 1>;
 

@@ -80,6 +80,24 @@ def _cema_bf16_case() -> Tuple[Callable, Callable, List[mx.array], bool, float]:
             lambda h_re, h_im: reference(x.astype(mx.float32), h_re, h_im), inputs[1:], True, RTOL_BF16)
 
 
+def _cema_no_final_state_case() -> Tuple[Callable, Callable, List[mx.array], bool]:
+    """What training runs: y only (return_state=False), so the backward takes the GHT0 = 1 kernels
+    (no final-state cotangent); gradients in the incoming state and every coefficient too."""
+    from .complex_exponential_moving_average import CEMACoefficients, cema_recurrence
+    rng = np.random.default_rng(3)
+    B, L, D, N = 2, 37, 8, 4
+    f = lambda *s: mx.array(rng.normal(size=s).astype(np.float32))  # noqa: E731
+    coeffs = [mx.array(rng.uniform(0.1, 0.9, (D, N)).astype(np.float32)),
+              mx.array(np.log(rng.uniform(0.5, 0.95, (D, N))).astype(np.float32)),
+              mx.array(rng.uniform(0.0, np.pi, (D, N)).astype(np.float32)), f(D, N), f(D, N), f(D)]
+
+    def run(scan):
+        def fn(x, h_re, h_im, *cs):
+            return (scan(x, CEMACoefficients(*cs), (h_re, h_im), False)[0],)
+        return fn
+    return run(K.cema_kernel_scan), run(cema_recurrence), [f(B, L, D), f(B, D, N), f(B, D, N), *coeffs], True
+
+
 def _timestep_norm_ops(*args):
     """timestep_norm on its ops path (the kernel forced off for this call's graph)."""
     from .timestep_norm import timestep_norm
@@ -133,6 +151,7 @@ def _decode_attention_case() -> Optional[Tuple[Callable, Callable, List[mx.array
 
 
 CASES = (("CEMA scan", _cema_case), ("CEMA scan, bfloat16 input", _cema_bf16_case),
+         ("CEMA scan, no final state", _cema_no_final_state_case),
          ("TimestepNorm", _timestep_norm_case), ("decode attention", _decode_attention_case))
 
 

@@ -45,8 +45,9 @@ def source_dir() -> Path:
 
 
 # name -> (inputs, outputs, template parameters). An argument is (name, type) with type "T" (the
-# dtype of x), "float" or "int"; template parameters are ("T" | "NPT" | "NSPLIT" | "RESET").
-# CEMA: `starts` (B x L document starts) is read only when RESET = 1 (packed rows).
+# dtype of x), "float" or "int"; template parameters are ("T" | "NPT" | "NSPLIT" | "RESET" | "GHT0").
+# CEMA: `starts` (B x L document starts) is read only when RESET = 1 (packed rows). GHT0 = 1
+# (backward): the final-state cotangent is zero, the cheaper gamma-free scan (see the body).
 KERNELS: Dict[str, Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...], Tuple[str, ...]]] = {
     "cema_fwd_local": (
         (("x", "T"), ("p", "float"), ("log_mag", "float"), ("phase", "float"), ("starts", "int"),
@@ -71,7 +72,7 @@ KERNELS: Dict[str, Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...
         (("gy", "float"), ("log_mag", "float"), ("phase", "float"), ("gamma_re", "float"),
          ("gamma_im", "float"), ("starts", "int"), ("params", "int")),
         (("loc", "float"),),
-        ("NPT", "NSPLIT", "RESET"),
+        ("NPT", "NSPLIT", "RESET", "GHT0"),
     ),
     "cema_bwd_combine": (
         (("loc", "float"), ("ghT_re", "float"), ("ghT_im", "float"), ("log_mag", "float"), ("phase", "float"),
@@ -84,7 +85,7 @@ KERNELS: Dict[str, Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...
          ("gamma_re", "float"), ("gamma_im", "float"), ("omega", "float"), ("h0_re", "float"), ("h0_im", "float"),
          ("ghT_re", "float"), ("ghT_im", "float"), ("carry", "float"), ("starts", "int"), ("params", "int")),
         (("gx", "T"), ("part", "float"), ("gomega", "float"), ("gh0_re", "float"), ("gh0_im", "float")),
-        ("T", "NPT", "NSPLIT", "RESET"),
+        ("T", "NPT", "NSPLIT", "RESET", "GHT0"),
     ),
 }
 
@@ -210,13 +211,14 @@ def generate_cuda_source(body: str, kernels: Dict[str, Signature],
     return "".join(parts)
 
 
-# Instantiations written into the generated CEMA files (dtype, NPT, NSPLIT, RESET).
+# Instantiations written into the generated CEMA files (dtype, NPT, NSPLIT, RESET), each backward
+# kernel with GHT0 = 0 and 1 (the forward kernels have no GHT0: duplicates are dropped).
 _GEN_CONFIGS = (("float", 16, 1, 0), ("float", 4, 4, 0), ("bfloat16_t", 8, 2, 0), ("half", 4, 4, 0),
                 ("float", 16, 1, 1), ("bfloat16_t", 8, 2, 1))
 
 
 def _instances(kernel: str) -> List[Dict[str, object]]:
-    return [dict(T=dt, NPT=npt, NSPLIT=ns, RESET=rs) for dt, npt, ns, rs in _GEN_CONFIGS]
+    return [dict(T=dt, NPT=npt, NSPLIT=ns, RESET=rs, GHT0=g0) for dt, npt, ns, rs in _GEN_CONFIGS for g0 in (0, 1)]
 
 
 def generate_metal() -> str:
@@ -246,9 +248,10 @@ def generate_cpu_source(kernels: Dict[str, Signature], values: Dict[str, object]
     return "".join(parts)
 
 
-def generate_cpu(npt: int, reset: int = 0) -> str:
-    """The CEMA kernels for the CPU emulation (T = float, NPT = npt, NSPLIT = 1, RESET = reset)."""
-    return generate_cpu_source(KERNELS, dict(T="float", NPT=npt, NSPLIT=1, RESET=reset))
+def generate_cpu(npt: int, reset: int = 0, ght0: int = 0) -> str:
+    """The CEMA kernels for the CPU emulation (T = float, NPT = npt, NSPLIT = 1, RESET = reset,
+    GHT0 = ght0)."""
+    return generate_cpu_source(KERNELS, dict(T="float", NPT=npt, NSPLIT=1, RESET=reset, GHT0=ght0))
 
 
 def write_generated(directory: Optional[Path] = None) -> List[Path]:
@@ -338,19 +341,19 @@ class CpuLauncher:
 
     def __init__(self, workdir: Optional[str] = None):
         self.workdir = workdir or tempfile.mkdtemp(prefix="mgk_cpu_")
-        self._libs: Dict[Tuple[int, int], ctypes.CDLL] = {}
+        self._libs: Dict[Tuple[int, int, int], ctypes.CDLL] = {}
 
-    def _lib(self, npt: int, reset: int = 0) -> ctypes.CDLL:
-        lib = self._libs.get((npt, reset))
+    def _lib(self, npt: int, reset: int = 0, ght0: int = 0) -> ctypes.CDLL:
+        key = (npt, reset, ght0)
+        lib = self._libs.get(key)
         if lib is None:
-            lib = self._libs[(npt, reset)] = compile_cpu_library(generate_cpu(npt, reset), self.workdir,
-                                                                 f"mgk_{npt}_{reset}")
+            lib = self._libs[key] = compile_cpu_library(generate_cpu(*key), self.workdir, "mgk_{}_{}_{}".format(*key))
         return lib
 
     def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):
         t = dict(templates)
         assert t["NSPLIT"] == 1
-        fn = getattr(self._lib(t["NPT"], t.get("RESET", 0)), f"run_{name}")
+        fn = getattr(self._lib(t["NPT"], t.get("RESET", 0), t.get("GHT0", 0)), f"run_{name}")
         return call_cpu_kernel(fn, KERNELS[name][0], inputs, threads, output_shapes, output_dtypes)
 
 
@@ -504,10 +507,15 @@ def _forward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, star
 
 
 def _backward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, gy, ghT_re, ghT_im, starts=None):
+    """Cotangents of every input. ghT_re / ghT_im None: the final state has no cotangent (the
+    caller kept y only), and the GHT0 = 1 kernels run the cheaper gamma-free scan."""
     launch = _launcher()
     B, L, D = x.shape
     N = p.shape[-1]
     f32 = mx.float32
+    ght0 = int(ghT_re is None)
+    if ght0:
+        ghT_re = ghT_im = mx.zeros((B, D, N), f32)   # cema_bwd_combine starts from them; final ignores them
     gy, ghT_re, ghT_im = gy.astype(f32), ghT_re.astype(f32), ghT_im.astype(f32)
     s = _split(N, BWD_MAX_NPT, launch.max_split)
     C, NC, LAST = plan(B, L, D, s)
@@ -517,14 +525,14 @@ def _backward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, gy,
     carry = _dummy()
     if NC > 1:
         loc, = launch("cema_bwd_local", [gy, log_mag, phase, gamma_re, gamma_im, starts, params],
-                      [("NPT", N // s), ("NSPLIT", s), ("RESET", reset)], B * (NC - 1) * D * s,
+                      [("NPT", N // s), ("NSPLIT", s), ("RESET", reset), ("GHT0", ght0)], B * (NC - 1) * D * s,
                       [(B, NC - 1, 6, N, D)], [f32])
         carry, = launch("cema_bwd_combine", [loc, ghT_re, ghT_im, log_mag, phase, starts, params],
                         [("NPT", N), ("NSPLIT", 1), ("RESET", reset)], B * N * D, [(B, NC - 1, 6, N, D)], [f32])
     gx, part, gom, gh0_re, gh0_im = launch(
         "cema_bwd_final",
         [x, gy, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, ghT_re, ghT_im, carry, starts, params],
-        [("T", x.dtype), ("NPT", N // s), ("NSPLIT", s), ("RESET", reset)], B * NC * D * s,
+        [("T", x.dtype), ("NPT", N // s), ("NSPLIT", s), ("RESET", reset), ("GHT0", ght0)], B * NC * D * s,
         [(B, L, D), (B * NC, 5, N, D), (B * NC, D), (B, D, N), (B, D, N)], [x.dtype, f32, f32, f32, f32])
     part = mx.swapaxes(part.sum(axis=0), -1, -2)                    # 5 x D x N
     gp, gq_re, gq_im, gg_re, gg_im = (part[i] for i in range(5))
@@ -559,10 +567,35 @@ def _cema_op_reset_vjp(primals, cotangents, outputs):
     return (*_backward(*args, gy, ghr, ghi, starts=starts), mx.zeros_like(starts))
 
 
+# y only (return_state=False: every training step). The final state never leaves the op, so it
+# has no cotangent and the backward takes the GHT0 = 1 kernels.
+@mx.custom_function
+def _cema_op_y(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im):
+    return _forward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im)[0]
+
+
+@_cema_op_y.vjp
+def _cema_op_y_vjp(primals, gy, y):
+    return _backward(*primals, gy, None, None)
+
+
+@mx.custom_function
+def _cema_op_reset_y(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, starts):
+    return _forward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, starts)[0]
+
+
+@_cema_op_reset_y.vjp
+def _cema_op_reset_y_vjp(primals, gy, y):
+    *args, starts = primals
+    return (*_backward(*args, gy, None, None, starts=starts), mx.zeros_like(starts))
+
+
 def cema_kernel_scan(x, coeffs, state=None, return_state: bool = False, doc_starts=None):
     """Same contract as cema_fft / cema_recurrence: x B x L x D (float32, bfloat16 or float16; the
     scan accumulates in float32), coeffs a CEMACoefficients, state (re, im) B x D x N or None.
-    Returns (y float32 B x L x D, (re, im) or None). Differentiable (mx.grad) in every input.
+    Returns (y float32 B x L x D, (re, im) or None). Differentiable (mx.grad) in every input;
+    with return_state=False the final state has no cotangent and the backward runs the cheaper
+    GHT0 = 1 kernels.
 
     doc_starts (packed rows, as for cema_segmented): B x L ints, each token's document start
     (non-decreasing along a row, doc_starts[t] <= t, a start s has doc_starts[s] == s); the state
@@ -577,13 +610,15 @@ def cema_kernel_scan(x, coeffs, state=None, return_state: bool = False, doc_star
         h0_re = h0_im = mx.zeros((B, D, N), f32)
     else:
         h0_re, h0_im = (s.astype(f32) for s in state)
-    if doc_starts is None:
-        y, h_re, h_im = _cema_op(x, *c, h0_re, h0_im)
-    else:
+    starts = ()
+    if doc_starts is not None:
         if tuple(doc_starts.shape) != (B, L):
             raise ValueError(f"doc_starts must have shape (batch, length) = {(B, L)}, got {tuple(doc_starts.shape)}")
-        y, h_re, h_im = _cema_op_reset(x, *c, h0_re, h0_im, doc_starts.astype(mx.int32))
-    return y, ((h_re, h_im) if return_state else None)
+        starts = (doc_starts.astype(mx.int32),)
+    if not return_state:
+        return (_cema_op_reset_y if starts else _cema_op_y)(x, *c, h0_re, h0_im, *starts), None
+    y, h_re, h_im = (_cema_op_reset if starts else _cema_op)(x, *c, h0_re, h0_im, *starts)
+    return y, (h_re, h_im)
 
 
 if __name__ == "__main__":

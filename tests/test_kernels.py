@@ -246,6 +246,133 @@ def test_cpu_emulated_reset_kernels_with_state(cpu_kernels, monkeypatch, chunk):
     assert np.all(g[-2] == 0) and np.all(g[-1] == 0)
 
 
+def y_only_value_and_grads(fn, x, coeffs, h0, wy, return_state=False, starts=None, dtype=mx.float32):
+    """y and d(sum y*wy)/d(every input, the incoming state included) through
+    fn(x, coeffs, state, return_state[, doc_starts]): a loss on y alone, as in training."""
+    extra = {} if starts is None else {"doc_starts": mx.array(starts)}
+
+    def loss(x, cs, h0r, h0i):
+        y, _ = fn(x, CEMACoefficients(*cs), (h0r, h0i), return_state, **extra)
+        return (y * mx.array(wy)).sum(), y
+
+    args = (mx.array(x).astype(dtype), [mx.array(c) for c in coeffs], mx.array(h0[0]), mx.array(h0[1]))
+    (_, y), g = mx.value_and_grad(loss, argnums=(0, 1, 2, 3))(*args)
+    grads = [g[0], *g[1], g[2], g[3]]
+    mx.eval(y, grads)
+    assert grads[0].dtype == dtype
+    return np.array(y), [np.array(a.astype(mx.float32)) for a in grads]
+
+
+def ght0_of_backward(fn) -> int:
+    """Run fn() with launches recorded; the GHT0 of its backward kernels (one value expected)."""
+    saved, inner = K._launcher.override, K._launcher()
+    seen = set()
+
+    def recording(name, inputs, templates, *args):
+        if name.startswith("cema_bwd") and name != "cema_bwd_combine":
+            seen.add(dict(templates)["GHT0"])
+        return inner(name, inputs, templates, *args)
+    recording.max_split = inner.max_split
+    K.set_launcher(recording)
+    try:
+        out = fn()
+    finally:
+        K.set_launcher(saved)
+    assert len(seen) == 1, seen
+    return seen.pop(), out
+
+
+# (L, chunk): one step; odd length over 8-step chunks (short last chunk); one chunk; 25 chunks;
+# every step its own chunk.
+@pytest.mark.parametrize("L,chunk,dtype", [(1, None, mx.float32), (37, 8, mx.float32), (37, 64, mx.float32),
+                                           (200, 8, mx.float32), (37, 1, mx.float32), (37, 8, mx.bfloat16)])
+def test_cpu_emulated_no_final_state_backward(cpu_kernels, monkeypatch, L, chunk, dtype):
+    """return_state=False (a loss on y only, as every training step): the backward runs the GHT0 = 1
+    (gamma-free) kernels, and every gradient, the nonzero incoming state's included, matches float64
+    and the GHT0 = 0 kernels (return_state=True, the state unused) at fp32 rounding."""
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
+    x, coeffs, h0, w = make_case(2, L, 3, 4, seed=L + 11, dtype=dtype)
+    ght0, (y, g) = ght0_of_backward(lambda: y_only_value_and_grads(K.cema_kernel_scan, x, coeffs, h0, w[0],
+                                                                   dtype=dtype))
+    assert ght0 == 1
+    zero = np.zeros_like(w[1])
+    (ry, _, _), rg = torch_reference(x, coeffs, h0, [w[0], zero, zero])
+    assert rel(y, ry) < 1e-5
+    for name, a, b in zip(FIELDS, g, rg):
+        tol = 1e-2 if (name == "x" and dtype == mx.bfloat16) else 2e-5   # bf16 gx rounds to bf16
+        assert rel(a, b) < tol, (name, rel(a, b))
+    ght0, (sy, sg) = ght0_of_backward(lambda: y_only_value_and_grads(K.cema_kernel_scan, x, coeffs, h0, w[0],
+                                                                     return_state=True, dtype=dtype))
+    assert ght0 == 0
+    assert np.array_equal(y, sy)
+    for name, a, b in zip(FIELDS, g, sg):
+        tol = 1e-2 if (name == "x" and dtype == mx.bfloat16) else 1e-5
+        assert rel(a, b) < tol, (name, rel(a, b))
+
+
+@pytest.mark.parametrize("layout,chunk", [PACKED_CPU_CASES[2], PACKED_CPU_CASES[3], PACKED_CPU_CASES[4]])
+def test_cpu_emulated_reset_no_final_state_backward(cpu_kernels, monkeypatch, layout, chunk):
+    """Packed rows with a (dropped) incoming state, a loss on y only: GHT0 = 1 with RESET = 1 against
+    every document alone in float64 and against GHT0 = 0 (return_state=True); the start at t = 0
+    cuts the state off, so its gradient is exactly zero."""
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
+    starts = starts_from_lengths(layout)
+    B, L = starts.shape
+    x, coeffs, h0, w = make_case(B, L, 3, 4, seed=L + B + 3)
+    ght0, (y, g) = ght0_of_backward(lambda: y_only_value_and_grads(K.cema_kernel_scan, x, coeffs, h0, w[0],
+                                                                   starts=starts))
+    assert ght0 == 1
+    ry, rg = per_document_reference(x, coeffs, starts, w[0])
+    assert rel(y, ry) < 1e-5
+    for name, a, b in zip(PACKED_FIELDS, g, rg):
+        assert rel(a, b) < 2e-5, (name, rel(a, b))
+    assert np.all(g[-2] == 0) and np.all(g[-1] == 0)
+    ght0, (sy, sg) = ght0_of_backward(lambda: y_only_value_and_grads(K.cema_kernel_scan, x, coeffs, h0, w[0],
+                                                                     return_state=True, starts=starts))
+    assert ght0 == 0 and np.array_equal(y, sy)
+    for name, a, b in zip(FIELDS, g, sg):
+        assert rel(a, b) < 1e-5 if name not in ("h0_re", "h0_im") else np.all(b == 0), name
+
+
+@pytest.mark.parametrize("chunk", [8, None])
+def test_cpu_emulated_forward_with_vanishing_p(cpu_kernels, monkeypatch, chunk):
+    """cema_fwd_final carries h / p with |p| floored at 1e-30: a p of 0, a subnormal, one below the
+    floor and a negative one give the float64 y and final state (the incoming state still decays
+    through such a dim), and a NaN p still shows up in y."""
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
+    x, coeffs, h0, w = make_case(2, 37, 3, 4, seed=9)
+    coeffs[0][0, 0], coeffs[0][1, 2], coeffs[0][2, 1], coeffs[0][2, 3] = 0.0, 1e-39, 1e-33, -0.3
+    c = CEMACoefficients(*(mx.array(a) for a in coeffs))
+    y, (hr, hi) = K.cema_kernel_scan(mx.array(x), c, (mx.array(h0[0]), mx.array(h0[1])), True)
+    (ry, rhr, rhi), _ = torch_reference(x, coeffs, h0, w)
+    assert rel(y, ry) < 1e-5 and rel(hr, rhr) < 1e-5 and rel(hi, rhi) < 1e-5
+    assert rel(hr[:, 0, 0], rhr[:, 0, 0]) < 1e-5 and rel(hi[:, 1, 2], rhi[:, 1, 2]) < 1e-5
+    coeffs[0][1, 1] = np.nan
+    y, _ = K.cema_kernel_scan(mx.array(x), CEMACoefficients(*(mx.array(a) for a in coeffs)))
+    y = np.array(y)
+    assert np.isnan(y[:, :, 1]).all() and np.isfinite(y[:, :, [0, 2]]).all()
+
+
+def test_kernel_check_covers_the_no_final_state_backward(cpu_kernels):
+    """kernel_check's "no final state" case (what training runs) takes the GHT0 = 1 backward, passes
+    on the emulated kernels, and fails when only that backward's gq / ggamma partial sums are off."""
+    from mlx_megalodon import kernel_check as KC
+    case = [c for c in KC.CASES if c[0] == "CEMA scan, no final state"]
+    ght0, reason = ght0_of_backward(lambda: KC.check(case))
+    assert ght0 == 1 and reason is None
+    inner = K._launcher()
+
+    def off(name, inputs, templates, *args):
+        out = inner(name, inputs, templates, *args)
+        if name == "cema_bwd_final" and dict(templates)["GHT0"] == 1:
+            out[1] = out[1] * 1.01
+        return out
+    off.max_split = inner.max_split
+    K.set_launcher(off)
+    reason = KC.check(case)
+    assert reason is not None and "no final state gradient" in reason, reason
+
+
 def record_launches(launched: list) -> None:
     """Route launches through the current (test) launcher, appending (kernel, RESET) to `launched`."""
     inner = K._launcher()
@@ -348,6 +475,64 @@ def test_gpu_kernel_forward_and_grads(monkeypatch, B, L, D, N, chunk, fwd_npt, d
     for name, a, b in zip(FIELDS, g, og):
         tol = max(tol_ops, 1e-2) if (name == "x" and dtype == mx.bfloat16) else tol_ops
         assert rel(a, b) < tol, (name, rel(a, b))
+
+
+# y only (return_state=False, the GHT0 = 1 backward every training step runs): (B, L, D, N, chunk,
+# backward state dims per thread, dtype, layout). bwd_npt 16 / 8 / 4 at N = 16: NSPLIT 1 / 2 / 4
+# lanes per (b, d). layout None: no resets, a nonzero incoming state; else as GPU_PACKED_CASES.
+GPU_NO_FINAL_STATE_CASES = [
+    (2, 1, 7, 16, None, 4, mx.float32, None),          # one step
+    (2, 37, 7, 16, None, 16, mx.float32, None),        # odd length: two chunks, last of 5 steps
+    (2, 37, 7, 16, None, 8, mx.float32, None),
+    (2, 37, 7, 16, 37, 4, mx.float32, None),           # one chunk
+    (1, 300, 5, 3, 300, 4, mx.float32, None),          # one chunk, odd N (one lane per (b, d))
+    (2, 5000, 7, 16, None, 16, mx.float32, None),      # many chunks
+    (2, 5000, 7, 16, None, 8, mx.float32, None),
+    (2, 5000, 7, 16, None, 4, mx.float32, None),
+    (1, 5000, 33, 16, 700, 4, mx.float32, None),       # few long chunks, short last one
+    (2, 5000, 7, 16, None, 4, mx.bfloat16, None),
+    (2, 37, 7, 16, 8, 4, mx.float32, [[1, 1, 9, 1, 16, 1, 7, 1], [7, 1, 8, 16, 4, 1]]),
+    (2, 64, 7, 16, 1, 8, mx.float32, [[64], [1, 31, 32]]),   # every step its own chunk
+    (2, 5000, 7, 16, None, 16, mx.float32, 40),
+    (2, 5000, 7, 16, None, 4, mx.float32, 300),
+    (2, 5000, 7, 16, None, 8, mx.bfloat16, 300),
+]
+
+
+@gpu
+@pytest.mark.parametrize("B,L,D,N,chunk,bwd_npt,dtype,layout", GPU_NO_FINAL_STATE_CASES)
+def test_gpu_no_final_state_backward(monkeypatch, B, L, D, N, chunk, bwd_npt, dtype, layout):
+    """A loss on y alone through return_state=False: the GHT0 = 1 kernels against float64 and against
+    the GHT0 = 0 kernels (return_state=True, the state unused), every gradient (the incoming
+    state's included)."""
+    monkeypatch.setenv("MEGALODON_KERNELS", "1")
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
+    monkeypatch.setattr(K, "BWD_MAX_NPT", bwd_npt)
+    starts = None
+    if layout is not None:
+        if not isinstance(layout, list):
+            layout = random_layout(np.random.default_rng(L + D), B, L, layout)
+        starts = starts_from_lengths(layout)
+    x, coeffs, h0, w = make_case(B, L, D, N, seed=L + D + 2, dtype=dtype)
+    ght0, (y, g) = ght0_of_backward(lambda: y_only_value_and_grads(K.cema_kernel_scan, x, coeffs, h0, w[0],
+                                                                   starts=starts, dtype=dtype))
+    assert ght0 == 1
+    if starts is None:
+        zero = np.zeros_like(w[1])
+        (ry, _, _), rg = torch_reference(x, coeffs, h0, [w[0], zero, zero])
+    else:
+        ry, rg = per_document_reference(x, coeffs, starts, w[0])
+        assert np.all(g[-2] == 0) and np.all(g[-1] == 0)      # the start at t = 0 drops the state
+    assert rel(y, ry) < 1e-5, rel(y, ry)
+    for name, a, b in zip(FIELDS, g, rg):
+        tol = 1e-2 if (name == "x" and dtype == mx.bfloat16) else 2e-5
+        assert rel(a, b) < tol, (name, rel(a, b))
+    ght0, (sy, sg) = ght0_of_backward(lambda: y_only_value_and_grads(K.cema_kernel_scan, x, coeffs, h0, w[0], True,
+                                                                     starts=starts, dtype=dtype))
+    assert ght0 == 0 and np.array_equal(y, sy)
+    for name, a, b in zip(FIELDS, g, sg):
+        tol = 1e-2 if (name == "x" and dtype == mx.bfloat16) else 1e-5
+        assert (rel(a, b) < tol) if np.any(b) else np.all(a == 0), (name, rel(a, b))
 
 
 @gpu
