@@ -119,6 +119,9 @@ def main():
     ap.add_argument("--out", default=None, help="directory for timestep_norm_kernel.json")
     ap.add_argument("--sweep", action="store_true", help="also sweep lanes x chunk (kernel fwd+bwd)")
     ap.add_argument("--quick", action="store_true", help="8 x 4096 only")
+    ap.add_argument("--sweep-lanes", default="2,4,8,16,32", help="lanes per group tried by --sweep")
+    ap.add_argument("--sweep-chunks", default="auto,64,96,128,256",
+                    help="chunk lengths tried by --sweep (auto: the plan's own choice)")
     args = ap.parse_args()
     backend = K.gpu_backend()
     if backend is None:
@@ -155,11 +158,12 @@ def main():
 
     if args.sweep:
         print("\nsweep, kernel fwd+bwd (no resets): lanes per group x chunk length")
+        default_lanes, default_npt = TK.GPU_LANES, TK.GPU_NPT
         for B, L in shapes:
             inputs = make_inputs(B, L, False, count=2)
-            for lanes in (8, 32):
-                for chunk in (None, 64, 256, 1024):
-                    TK.GPU_LANES, TK.CHUNK_OVERRIDE = lanes, chunk
+            for lanes in [int(v) for v in args.sweep_lanes.split(",")]:
+                for chunk in [None if v == "auto" else int(v) for v in args.sweep_chunks.split(",")]:
+                    TK.GPU_LANES, TK.CHUNK_OVERRIDE, TK.GPU_NPT = lanes, chunk, max(1, D // G // lanes)
                     C, NC, _ = TK.plan(B, L, G, TK.lanes(D // G)[0])
                     t = timeit(make_fns(B, False, "kernel")[1], inputs, min_time=0.15)
                     gbps = 5 * 2 * B * L * D / t / 1e9
@@ -168,7 +172,7 @@ def main():
                     print(f"  {B} x {L:<5} lanes {lanes:2d} chunk {C:5d} ({NC:4d} chunks): {t * 1e3:7.3f} ms "
                           f"{gbps:7.0f} GB/s", flush=True)
             del inputs
-        TK.GPU_LANES, TK.CHUNK_OVERRIDE = 32, None
+        TK.GPU_LANES, TK.CHUNK_OVERRIDE, TK.GPU_NPT = default_lanes, None, default_npt
 
     results["seconds"] = time.time() - T0
     print(f"\ntotal {results['seconds']:.1f} s")

@@ -79,12 +79,16 @@ for _name, _sig in KERNELS.items():
 TIMESTEP_NORM_KERNEL_DEFAULT: Dict[str, bool] = {"cuda": True, "metal": False}
 PREFER_KERNEL = False   # any other launcher (tests)
 
-# Work split. Lanes per (b, group) on a GPU: the largest power of two <= GPU_LANES dividing the
-# group size; features per lane at most MAX_NPT (beyond, registers spill: the ops path runs).
+# Work split. Lanes per (b, group) on a GPU: the fewest (a power of two <= GPU_LANES dividing the
+# group size) that leave at most GPU_NPT features per lane; never more than MAX_NPT features per
+# lane (beyond, registers spill: the ops path runs). The H200 sweep (BENCHMARKS.md, mega200M's
+# 32-feature groups, fwd+bwd) put 8 lanes x 4 features with 64-step chunks at 0.60 ms against
+# 1.00-1.08 ms for 32 lanes x 1: fewer shuffles per step, and 64-step chunks halve the combine.
 GPU_LANES = 32
+GPU_NPT = 4
 MAX_NPT = 16
 TARGET_THREADS = 264 * 1024   # threads wanted in flight per launch (H200: 132 SMs x 2048)
-MIN_CHUNK = 32
+MIN_CHUNK = 64
 UNROLL = 8                    # TN_UNROLL in the body: chunks are a multiple of it
 CHUNK_OVERRIDE: Optional[int] = None  # tests / benchmarks: force this chunk length
 
@@ -162,7 +166,7 @@ def lanes(group_size: int, launch=None) -> Optional[Tuple[int, int]]:
     if w_max == 1:
         return (1, group_size) if group_size <= getattr(launch, "max_group", MAX_NPT) else None
     w = 1
-    while w * 2 <= w_max and group_size % (w * 2) == 0:
+    while w * 2 <= w_max and group_size % (w * 2) == 0 and group_size // w > GPU_NPT:
         w *= 2
     npt = group_size // w
     return (w, npt) if npt <= MAX_NPT else None

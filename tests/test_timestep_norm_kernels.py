@@ -307,11 +307,15 @@ def test_no_gpu_means_ops_path(monkeypatch):
     assert TK.TIMESTEP_NORM_KERNEL_DEFAULT["cuda"] is True        # measured faster on the H200
 
 
-def test_lanes_and_plan():
+def test_lanes_and_plan(monkeypatch):
     gpu = type("Gpu", (), {"lanes": 32})()
-    assert TK.lanes(32, gpu) == (32, 1) and TK.lanes(64, gpu) == (32, 2) and TK.lanes(24, gpu) == (8, 3)
+    # the fewest lanes that leave <= GPU_NPT (4) features each, at most 32 lanes
+    assert TK.lanes(32, gpu) == (8, 4) and TK.lanes(64, gpu) == (16, 4) and TK.lanes(24, gpu) == (8, 3)
+    assert TK.lanes(256, gpu) == (32, 8) and TK.lanes(6, gpu) == (2, 3) and TK.lanes(7, gpu) == (1, 7)
     assert TK.lanes(17 * 16, gpu) is None                        # 17 features a lane would spill
     assert TK.lanes(5, TK.CpuLauncher()) == (1, 5)
+    monkeypatch.setattr(TK, "GPU_NPT", 1)
+    assert TK.lanes(32, gpu) == (32, 1) and TK.lanes(64, gpu) == (32, 2)
     C, NC, LAST = TK.plan(8, 4096, 32, 32)
     assert C % TK.UNROLL == 0 and (NC - 1) * C + LAST == 4096 and 0 < LAST <= C
     assert TK.plan(1, 1, 32, 32) == (1, 1, 1)
@@ -352,6 +356,7 @@ def test_gpu_kernels_match_references(gpu_kernels, monkeypatch, B, L, D, G, chun
                                       packed):
     monkeypatch.setattr(TK, "CHUNK_OVERRIDE", chunk)
     monkeypatch.setattr(TK, "GPU_LANES", lanes)
+    monkeypatch.setattr(TK, "GPU_NPT", max(1, D // G // lanes))  # exactly `lanes` lanes per group
     x, weight, bias, state, w = make_case(B, L, D, G, seed=L, with_state=True, dtype=dtype)
     starts = None
     if packed:
