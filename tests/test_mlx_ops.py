@@ -7,6 +7,7 @@ import pytest
 
 from mlx_megalodon.complex_exponential_moving_average import (
     MultiHeadComplexEMA, cema_fft, cema_recurrence, power_series)
+from mlx_megalodon import moving_average_gated_attention as MAGA
 from mlx_megalodon.moving_average_gated_attention import chunk_attention
 from mlx_megalodon.rotary_positional_embedding import rope_periods
 from mlx_megalodon.timestep_norm import TimestepNorm, TimestepNormState, cumsum_two_level
@@ -158,3 +159,27 @@ def test_chunk_attention_is_block_diagonal(L):
     got, _ = chunk_attention(mx.array(q), mx.array(k), mx.array(v), 8, rope_periods(6, 10000.0))
     ref = naive_chunk_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), 8, 10000.0)
     assert np.abs(np.array(got) - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4])
+@pytest.mark.parametrize("L", [8, 12, 29])
+def test_chunk_attention_query_blocks_match_naive(monkeypatch, parts, L):
+    """causal_sdpa's query blocks (each attending only to keys up to its end) give the plain
+    block-diagonal causal attention, forward and gradients, also for a padded last chunk."""
+    monkeypatch.setattr(MAGA, "CAUSAL_SPLIT_PARTS", parts)
+    monkeypatch.setattr(MAGA, "CAUSAL_SPLIT_MIN_BLOCK", 2)
+    rng = np.random.default_rng(L + parts)
+    q, k = (rng.normal(size=(2, 2, L, 6)).astype(np.float32) for _ in range(2))
+    v = rng.normal(size=(2, 2, L, 5)).astype(np.float32)
+    periods = rope_periods(6, 10000.0)
+    got, _ = chunk_attention(mx.array(q), mx.array(k), mx.array(v), 8, periods)
+    ref = naive_chunk_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), 8, 10000.0)
+    assert np.abs(np.array(got) - ref).max() < 1e-5
+
+    def loss(q, k, v):
+        return (chunk_attention(q, k, v, 8, periods)[0] ** 2).sum()
+    grads = mx.grad(loss, argnums=(0, 1, 2))(mx.array(q), mx.array(k), mx.array(v))
+    monkeypatch.setattr(MAGA, "CAUSAL_SPLIT_PARTS", 1)
+    want = mx.grad(loss, argnums=(0, 1, 2))(mx.array(q), mx.array(k), mx.array(v))
+    for g, w in zip(grads, want):
+        assert float(mx.abs(g - w).max()) <= 1e-5 * max(1.0, float(mx.abs(w).max()))
