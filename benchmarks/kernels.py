@@ -216,6 +216,7 @@ def main():
         return attention_bench.main(["--out", args.out, "--budget", str(args.budget)]
                                     + (["--cpu-emulation"] if args.cpu_emulation else []))
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.phase == "all":
         import subprocess
         merged = None

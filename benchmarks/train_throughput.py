@@ -28,6 +28,8 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlx_megalodon import kernels as cema_kernels  # noqa: E402
+from mlx_megalodon import moving_average_gated_attention as maga  # noqa: E402
 from mlx_megalodon.config import parameter_count, preset  # noqa: E402
 from mlx_megalodon.data import Batch  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
@@ -86,8 +88,18 @@ def main():
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--variants", default="kernels", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--packed-doc-len", type=int, default=0, help="documents of N tokens per row (0: one per row)")
+    p.add_argument("--causal-split-parts", type=int, default=None,
+                   help="query blocks per attention chunk (default: the library's CAUSAL_SPLIT_PARTS)")
+    p.add_argument("--cema-bwd-max-npt", type=int, default=None, choices=[1, 2, 4, 8, 16],
+                   help="CEMA backward kernel: state dims per thread (default: the library's BWD_MAX_NPT)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    if a.causal_split_parts is not None:
+        if a.causal_split_parts < 1:
+            p.error("--causal-split-parts must be >= 1")
+        maga.CAUSAL_SPLIT_PARTS = a.causal_split_parts
+    if a.cema_bwd_max_npt is not None:
+        cema_kernels.BWD_MAX_NPT = a.cema_bwd_max_npt
     variants = [v for v in a.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -95,7 +107,8 @@ def main():
     overrides = {} if a.layers is None else {"num_layers": a.layers}
     args = preset(a.preset, **overrides)
     meta = {"device": device_name(), "mlx": mx.__version__, "model": a.preset, "parameters": parameter_count(args),
-            "dtype": a.dtype, "command": "python " + " ".join(sys.argv)}
+            "dtype": a.dtype, "command": "python " + " ".join(sys.argv),
+            "causal_split_parts": maga.CAUSAL_SPLIT_PARTS, "cema_bwd_max_npt": cema_kernels.BWD_MAX_NPT}
     print(json.dumps(meta), flush=True)
     rows_out = []
     for L in (int(x) for x in a.seq_lens.split(",")):
