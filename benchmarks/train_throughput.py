@@ -15,6 +15,8 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
                size 1 (``Trainer(always_reduce=True)``): the distributed code's own cost
   tnorm        default dispatch with the fused TimestepNorm kernel forced on (MEGALODON_TNORM_KERNEL=1)
   no-tnorm     default dispatch with the fused TimestepNorm kernel forced off (MEGALODON_TNORM_KERNEL=0)
+  ce-kernel    default dispatch with the fused cross-entropy kernels forced on (MEGALODON_CE_KERNEL=1):
+               the loss reads the bf16 logits, no float32 copy
 ``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
 """
 import os
@@ -37,7 +39,7 @@ from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E
 from benchmarks.long_context import device_name  # noqa: E402
 
 
-VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm")
+VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel")
 
 
 def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",
@@ -46,6 +48,9 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     os.environ.pop("MEGALODON_TNORM_KERNEL", None)
     if variant in ("tnorm", "no-tnorm"):
         os.environ["MEGALODON_TNORM_KERNEL"] = "1" if variant == "tnorm" else "0"
+    os.environ.pop("MEGALODON_CE_KERNEL", None)
+    if variant == "ce-kernel":
+        os.environ["MEGALODON_CE_KERNEL"] = "1"
     mx.random.seed(0)
     model = Model(args)
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype=dtype, grad_checkpoint=grad_checkpoint,

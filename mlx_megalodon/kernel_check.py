@@ -150,9 +150,28 @@ def _decode_attention_case() -> Optional[Tuple[Callable, Callable, List[mx.array
             [q, k, v], False)          # decoding only: the kernel has no gradient
 
 
+def _cross_entropy_case() -> Optional[Tuple[Callable, Callable, List[mx.array], bool, float]]:
+    """The fused cross entropy (only where the policy would use it: off until measured), on bf16
+    logits as training gives it, against the ops path on the same rounded logits; a vocabulary
+    that is no multiple of the lanes' stride and a target at each row's max."""
+    from . import cross_entropy_kernels as XK
+    rng = np.random.default_rng(4)
+    B, L, V = 2, 5, 1000
+    if not XK.ce_kernel_wanted((B, L, V), mx.bfloat16):
+        return None
+    # float32 values that bf16 holds exactly; the gradient comes back through the cast in float32
+    logits = mx.array((rng.normal(size=(B, L, V)) * 4).astype(np.float32)).astype(mx.bfloat16).astype(mx.float32)
+    targets = rng.integers(0, V, (B, L)).astype(np.int32)
+    targets[0, 0] = np.argmax(np.array(logits[0, 0]))
+    targets = mx.array(targets)
+    return (lambda x: (XK.cross_entropy_kernel(x.astype(mx.bfloat16), targets, validate=False),),
+            lambda x: (XK.cross_entropy_ops(x.astype(mx.bfloat16), targets),), [logits], True, RTOL_BF16)
+
+
 CASES = (("CEMA scan", _cema_case), ("CEMA scan, bfloat16 input", _cema_bf16_case),
          ("CEMA scan, no final state", _cema_no_final_state_case),
-         ("TimestepNorm", _timestep_norm_case), ("decode attention", _decode_attention_case))
+         ("TimestepNorm", _timestep_norm_case), ("decode attention", _decode_attention_case),
+         ("cross entropy", _cross_entropy_case))
 
 
 def check(cases=CASES) -> Optional[str]:

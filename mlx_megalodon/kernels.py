@@ -256,10 +256,12 @@ def generate_cpu(npt: int, reset: int = 0, ght0: int = 0) -> str:
 
 def write_generated(directory: Optional[Path] = None) -> List[Path]:
     """Rewrite the readable <body>.metal / <body>.cu of every kernel family."""
-    from . import attention_kernels as A, timestep_norm_kernels as T  # they import this module
+    # imported here, not at the top: they import this module
+    from . import attention_kernels as A, cross_entropy_kernels as X, timestep_norm_kernels as T
     directory = Path(directory) if directory is not None else source_dir()
     out = []
-    for stem, module in (("cema_scan", None), ("chunk_attention", A), ("timestep_norm", T)):
+    for stem, module in (("cema_scan", None), ("chunk_attention", A), ("timestep_norm", T),
+                         ("cross_entropy", X)):
         gen_metal, gen_cuda = (generate_metal, generate_cuda) if module is None else (module.generate_metal,
                                                                                       module.generate_cuda)
         for suffix, generate in ((".metal", gen_metal), (".cu", gen_cuda)):

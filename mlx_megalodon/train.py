@@ -49,6 +49,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from . import distributed as dist
 from .config import ConfigError, ModelArgs, PRESETS, is_full_precision_key, parameter_count
+from .cross_entropy_kernels import ce_kernel_wanted, fused_cross_entropy
 from .data import Batch, BatchIterator, DataError, PackedDataset, iterate_batches
 
 PROG = "megalodon-train"
@@ -175,14 +176,43 @@ def _chunked_cross_entropy(model, inputs, targets, segment_ids, piece: int) -> m
                            for s in range(0, L, piece)], axis=1)
 
 
+def _fused_loss_head(model, inputs: mx.array) -> Optional[mx.array]:
+    """The output projection's vocab x model_dim weight when the loss should take the fused
+    cross-entropy kernels (mlx_megalodon/cross_entropy_kernels.py: off unless switched on) and the
+    head is a plain matrix (nn.Linear without bias, or the shared nn.Embedding: not quantized, no
+    adapter), else None."""
+    if not hasattr(model, "features"):
+        return None
+    out = model.output
+    head = out.output if "output" in out else model.embed
+    if type(head) is not (nn.Linear if "output" in out else nn.Embedding) or "bias" in head:
+        return None
+    weight = out.head_weight(model.embed)
+    if not ce_kernel_wanted((*inputs.shape, weight.shape[0]), weight.dtype):
+        return None
+    return weight
+
+
 def loss_fn(model, inputs: mx.array, targets: mx.array, mask: Optional[mx.array] = None,
             segment_ids: Optional[mx.array] = None, loss_piece: int = 0) -> Tuple[mx.array, mx.array]:
     """Mean next-token cross entropy over the tokens where ``mask`` is 1 -> (loss, token count).
     With ``segment_ids`` the packed documents of a row do not see each other. ``loss_piece`` > 0
     (and shorter than the rows): project and score that many tokens at a time, so the B x L x vocab
-    logits are never whole (same result; the head's matmul is recomputed in the backward pass)."""
-    if 0 < loss_piece < inputs.shape[1] and hasattr(model, "features"):
+    logits are never whole (same result; the head's matmul is recomputed in the backward pass).
+    Otherwise, where the fused cross-entropy kernels are switched on (``MEGALODON_CE_KERNEL=1``;
+    off by default), they score the compute-dtype logits without a float32 copy (the same loss up to float32
+    rounding)."""
+    chunked = 0 < loss_piece < inputs.shape[1] and hasattr(model, "features")
+    head = None if chunked else _fused_loss_head(model, inputs)
+    if chunked:
         ce = _chunked_cross_entropy(model, inputs, targets, segment_ids, loss_piece)
+    elif head is not None:
+        # Model.__call__'s logits (final norm, then the head) in the compute dtype, without its
+        # float32 cast: the fused kernels read them as they are and accumulate in float32. Runs
+        # inside mx.compile, so the targets are not validated here (the data pipeline's token ids
+        # are in the vocabulary; an out-of-range one gives a NaN loss, never an out-of-bounds read).
+        logits = model.features(inputs, segment_ids) @ head.T
+        ce = fused_cross_entropy(logits, targets, validate=False)
     else:
         logits = model(inputs, segment_ids=segment_ids)
         ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
