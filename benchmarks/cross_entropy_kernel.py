@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,24 +25,9 @@ import numpy as np  # noqa: E402
 
 from mlx_megalodon import cross_entropy_kernels as XK  # noqa: E402
 from mlx_megalodon import kernels as K  # noqa: E402
+from benchmarks.timestep_norm_kernel import timeit  # noqa: E402  (median over rotating inputs)
 
 COPY_CEILING_GBPS = 4300.0
-
-
-def timeit(fn, inputs, min_time=0.3, max_reps=40):
-    """Median seconds per call, calls rotating over distinct inputs (so L2 holds none of them)."""
-    mx.eval(fn(*inputs[0]))
-    mx.eval(fn(*inputs[1 % len(inputs)]))
-    t = time.perf_counter()
-    mx.eval(fn(*inputs[0]))
-    one = time.perf_counter() - t
-    reps = max(5, min(max_reps, int(min_time / max(one, 1e-6))))
-    times = []
-    for r in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn(*inputs[r % len(inputs)]))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def make_fns(path: str, compile_: bool):
