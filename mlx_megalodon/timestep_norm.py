@@ -32,6 +32,8 @@ def cumsum_two_level(a: mx.array, axis: int = 1, block: int = _SCAN_BLOCK) -> mx
     """Inclusive float32 cumsum along ``axis`` (=1) summed within blocks, then across blocks,
     which bounds rounding growth on million-step sequences."""
     L = a.shape[axis]
+    if L == 1:        # one decoding step: no scan to launch
+        return a
     if L <= block:
         return mx.cumsum(a, axis=axis)
     nb = -(-L // block)
