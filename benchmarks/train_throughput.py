@@ -97,14 +97,25 @@ def main():
                    help="query blocks per attention chunk (default: the library's CAUSAL_SPLIT_PARTS)")
     p.add_argument("--cema-bwd-max-npt", type=int, default=None, choices=[1, 2, 4, 8, 16],
                    help="CEMA backward kernel: state dims per thread (default: the library's BWD_MAX_NPT)")
+    p.add_argument("--cema-fwd-max-npt", type=int, default=None, choices=[1, 2, 4, 8, 16],
+                   help="CEMA forward kernel: state dims per thread (default: the library's FWD_MAX_NPT)")
+    p.add_argument("--cema-target-threads", type=int, default=None,
+                   help="CEMA kernels: threads wanted per launch (default: the library's TARGET_THREADS)")
+    p.add_argument("--cema-min-chunk", type=int, default=None,
+                   help="CEMA kernels: shortest chunk (default: the library's MIN_CHUNK)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.causal_split_parts is not None:
         if a.causal_split_parts < 1:
             p.error("--causal-split-parts must be >= 1")
         maga.CAUSAL_SPLIT_PARTS = a.causal_split_parts
-    if a.cema_bwd_max_npt is not None:
-        cema_kernels.BWD_MAX_NPT = a.cema_bwd_max_npt
+    for option, name in (("cema_bwd_max_npt", "BWD_MAX_NPT"), ("cema_fwd_max_npt", "FWD_MAX_NPT"),
+                         ("cema_target_threads", "TARGET_THREADS"), ("cema_min_chunk", "MIN_CHUNK")):
+        value = getattr(a, option)
+        if value is not None:
+            if value < 1:
+                p.error(f"--{option.replace('_', '-')} must be >= 1")
+            setattr(cema_kernels, name, value)
     variants = [v for v in a.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -113,7 +124,9 @@ def main():
     args = preset(a.preset, **overrides)
     meta = {"device": device_name(), "mlx": mx.__version__, "model": a.preset, "parameters": parameter_count(args),
             "dtype": a.dtype, "command": "python " + " ".join(sys.argv),
-            "causal_split_parts": maga.CAUSAL_SPLIT_PARTS, "cema_bwd_max_npt": cema_kernels.BWD_MAX_NPT}
+            "causal_split_parts": maga.CAUSAL_SPLIT_PARTS,
+            "cema": {name: getattr(cema_kernels, name) for name in
+                     ("FWD_MAX_NPT", "BWD_MAX_NPT", "TARGET_THREADS", "MIN_CHUNK")}}
     print(json.dumps(meta), flush=True)
     rows_out = []
     for L in (int(x) for x in a.seq_lens.split(",")):
