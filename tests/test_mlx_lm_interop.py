@@ -97,3 +97,26 @@ def test_mlx_lm_quantize_model_matches_ours(default_model):
     assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
     assert greedy_with_mlx_lm(theirs, list(tok.encode(PROMPT)), 8) == \
         [r.token for r in stream_generate(ours, tok, list(tok.encode(PROMPT)), max_tokens=8)]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_mlx_lm_load_model_reads_our_directories(default_model, tmp_path, quantized):
+    """mlx-lm's loader, given our classes (`get_model_classes`), builds the same model from one of
+    our MLX directories (config.json + model.safetensors), also a quantized one: its config's
+    `quantization` entry is the one mlx-lm reads."""
+    from pathlib import Path
+
+    from mlx_lm.utils import load_model
+
+    from mlx_megalodon.config import ModelArgs
+    from mlx_megalodon.mega import Model
+    from mlx_megalodon.quantize import quantize_directory
+    src = Path("mlx_megalodon/default_model")
+    if quantized:
+        src = quantize_directory(src, tmp_path / "q8", bits=8, group_size=64)
+    theirs, config = load_model(src, get_model_classes=lambda config: (Model, ModelArgs))
+    ours, tok = load(str(src))
+    assert config["model_type"] == "megalodon"
+    assert isinstance(theirs.layers[0].mega.wz, nn.QuantizedLinear) == quantized
+    ids = mx.array([tok.encode(PROMPT)])
+    assert np.array_equal(np.array(theirs(ids)), np.array(ours(ids)))
