@@ -203,6 +203,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=240.0, help="per phase: stop starting new rows after this")
     ap.add_argument("--sweep", action="store_true", help="first sweep the work split and use the best")
+    ap.add_argument("--sweep-targets", default="66K,132K,264K,528K",
+                    help="threads per launch tried by --sweep (K = 1024), e.g. a finer grid to find whole waves")
     ap.add_argument("--sizes", help="D:L,D:L,... instead of the default table")
     ap.add_argument("--phase", choices=("all", "kernel", "fft", "torch"), default="all",
                     help="all: each phase in its own process (an out-of-memory in the FFT path can "
@@ -228,6 +230,7 @@ def main():
             cmd += [a for a, on in (("--quick", args.quick), ("--sweep", args.sweep and phase == "kernel"),
                                     ("--cpu-emulation", args.cpu_emulation)) if on]
             cmd += ["--sizes", sizes] if sizes else []
+            cmd += ["--sweep-targets", args.sweep_targets] if args.sweep and phase == "kernel" else []
             print("$", " ".join(cmd[1:]), flush=True)
             f = out / f"kernels_bench_{phase}.json"
             f.unlink(missing_ok=True)
@@ -297,9 +300,11 @@ def sweep(args, results):
         c = coeffs(D)
         xs = inputs_for(D, L, 2)
         choices_fwd, choices_bwd = ((16,), (16,)) if args.cpu_emulation else ((4, 8, 16), (2, 4, 8))
+        targets = [int(float(v[:-1]) * 1024) if v.upper().endswith("K") else int(v)
+                   for v in args.sweep_targets.split(",") if v.strip()]
         for kind, attr, choices in (("fwd", "FWD_MAX_NPT", choices_fwd), ("bwd", "BWD_MAX_NPT", choices_bwd)):
             for npt in choices:
-                for target in (66 * 1024, 132 * 1024, 264 * 1024, 528 * 1024):
+                for target in targets:
                     setattr(K, attr, npt)
                     K.TARGET_THREADS = target
                     fn = kernel_fwd(c) if kind == "fwd" else grad_fn(K.cema_kernel_scan, c)
