@@ -39,7 +39,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np

@@ -587,7 +587,7 @@ class JaxMegalodon:
         return out
 
     def infer(self, context, prefill_step, decode_tokens):
-        jax, jnp, eqx = self.jax, self.jnp, self.eqx
+        jnp, eqx = self.jnp, self.eqx
         model = self.model(jnp.bfloat16, jnp.bfloat16)
 
         # A fresh cache's first call is megalodon-jax's vectorized prefill; calls on a non-empty cache

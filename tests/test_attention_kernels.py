@@ -19,7 +19,7 @@ import pytest
 from mlx_megalodon import attention_kernels as A
 from mlx_megalodon import kernels as K
 from mlx_megalodon.moving_average_gated_attention import MovingAverageGatedAttention, chunk_attention, rope_in_chunks
-from mlx_megalodon.rotary_positional_embedding import apply_rope, rope_periods
+from mlx_megalodon.rotary_positional_embedding import rope_periods
 
 ON_GPU = K.gpu_backend() is not None
 

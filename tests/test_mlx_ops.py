@@ -10,7 +10,7 @@ from mlx_megalodon.complex_exponential_moving_average import (
 from mlx_megalodon import moving_average_gated_attention as MAGA
 from mlx_megalodon.moving_average_gated_attention import chunk_attention
 from mlx_megalodon.rotary_positional_embedding import rope_periods
-from mlx_megalodon.timestep_norm import TimestepNorm, TimestepNormState, cumsum_two_level
+from mlx_megalodon.timestep_norm import TimestepNorm, cumsum_two_level
 
 
 def random_cema(D=6, N=4, seed=0):
