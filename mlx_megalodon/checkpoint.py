@@ -759,6 +759,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="quantize linear and embedding weights with MLX (CEMA, norms, Q/K affine stay float32)")
     p.add_argument("--q-bits", type=int, default=4, help="bits per weight with -q: 2, 3, 4, 5, 6 or 8 (default 4)")
     p.add_argument("--q-group-size", type=int, default=64, help="quantization group size: 32, 64 or 128 (default 64)")
+    p.add_argument("--mlx-lm", action="store_true",
+                   help="also make the MLX directory loadable by mlx-lm (mlx_lm.load(..., trust_remote_code=True) "
+                        "and its CLIs with --trust-remote-code); checked by loading it with mlx-lm before it is "
+                        "written (needs mlx-lm installed)")
     return p
 
 
@@ -800,15 +804,39 @@ def _convert_quantized(a) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _convert_for_mlx_lm(a) -> Path:
+    """convert --mlx-lm: convert (and quantize) into a staging directory, then write DST with
+    mlx_lm_compat, which checks the result through mlx-lm before DST appears."""
+    from .mlx_lm_compat import make_mlx_lm_loadable
+    if a.to != "mlx":
+        raise CheckpointError("--mlx-lm writes MLX directories only (drop --to upstream)")
+    dst = Path(a.dst)
+    if dst.exists() or dst.is_symlink():
+        raise CheckpointError(f"destination already exists: {dst}")
+    staging = dst.parent / f".{dst.name}.staging-{uuid.uuid4().hex[:8]}"
+    try:
+        _convert_one(argparse.Namespace(**{**vars(a), "dst": str(staging), "mlx_lm": False}))
+        with _spinner(f"checking with mlx-lm -> {dst}"):
+            return make_mlx_lm_loadable(staging, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert_one(a) -> Path:
+    if a.mlx_lm:
+        return _convert_for_mlx_lm(a)
+    if a.quantize:
+        return _convert_quantized(a)
+    with _spinner(f"converting {a.src} -> {a.dst}"):
+        return convert(a.src, a.dst, dtype=a.dtype, to=a.to, config=a.config, tokenizer=a.tokenizer)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from .mlx_lm_compat import CompatError
     a = _parser().parse_args(argv)
     try:
-        if a.quantize:
-            dst = _convert_quantized(a)
-        else:
-            with _spinner(f"converting {a.src} -> {a.dst}"):
-                dst = convert(a.src, a.dst, dtype=a.dtype, to=a.to, config=a.config, tokenizer=a.tokenizer)
-    except (CheckpointError, TokenizerError, ConfigError) as e:
+        dst = _convert_one(a)
+    except (CheckpointError, TokenizerError, ConfigError, CompatError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -1,6 +1,10 @@
 """mlx-lm's own tooling drives our Model (the contract of mlx_lm/models/*.py: `Model(inputs,
 cache=None)`, `make_cache()`, `layers`, caches with `state` / `offset`): its generation loop, its
-prompt caches, its LoRA conversion and its quantization, each checked against our own path."""
+prompt caches, its LoRA conversion, its quantization and its loader, each checked against our own
+path; and mlx_lm_compat's directories, which mlx-lm's own load() and CLIs open."""
+import json
+import shutil
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -120,3 +124,75 @@ def test_mlx_lm_load_model_reads_our_directories(default_model, tmp_path, quanti
     assert isinstance(theirs.layers[0].mega.wz, nn.QuantizedLinear) == quantized
     ids = mx.array([tok.encode(PROMPT)])
     assert np.array_equal(np.array(theirs(ids)), np.array(ours(ids)))
+
+
+# ------------------------------------------------------------------------------------------------
+# mlx_lm_compat: directories that mlx-lm's own load() and CLIs open (trust_remote_code)
+
+def test_mlx_lm_loadable_directory_generates_our_tokens(default_model, tmp_path):
+    import mlx_lm
+
+    from mlx_megalodon.mlx_lm_compat import MODEL_FILE, make_mlx_lm_loadable
+    dst = make_mlx_lm_loadable("mlx_megalodon/default_model", tmp_path / "for_mlx_lm")
+    assert (dst / MODEL_FILE).is_file() and (dst / "tokenizer_config.json").is_file()
+    assert json.loads((dst / "config.json").read_text())["model_file"] == MODEL_FILE
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        mlx_lm.load(str(dst))                      # mlx-lm runs the model file only when asked to
+    theirs, their_tok = mlx_lm.load(str(dst), trust_remote_code=True)
+    model, tok = default_model
+    ids = list(tok.encode(PROMPT))
+    assert list(their_tok.encode(PROMPT)) == ids
+    assert greedy_with_mlx_lm(theirs, ids, 16) == [r.token for r in stream_generate(model, tok, ids, max_tokens=16)]
+    ours_again, _ = load(str(dst))                 # our loader ignores the extra files and key
+    x = mx.array([ids])
+    assert np.array_equal(np.array(ours_again(x)), np.array(model(x)))
+
+
+def test_mlx_lm_loadable_refuses_a_unigram_tokenizer(tmp_path):
+    import sentencepiece as spm
+
+    from mlx_megalodon.mlx_lm_compat import CompatError, make_mlx_lm_loadable
+    src = tmp_path / "src"
+    shutil.copytree("mlx_megalodon/default_model", src)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"line {i} of some text with words {i * 7 % 13}" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "uni"), vocab_size=40,
+                                   model_type="unigram", minloglevel=2)
+    shutil.copyfile(tmp_path / "uni.model", src / "tokenizer.model")
+    with pytest.raises(CompatError, match="UNIGRAM"):
+        make_mlx_lm_loadable(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_mlx_lm_loadable_writes_nothing_when_the_check_fails(tmp_path, monkeypatch):
+    """A tokenizer setting that transformers reproduces differently (a prefix space our model does
+    not add) is caught by the check, and no directory (final or temporary) is left behind."""
+    from mlx_megalodon import mlx_lm_compat as C
+    real = C.hf_tokenizer_config
+    monkeypatch.setattr(C, "hf_tokenizer_config", lambda path: {**real(path), "add_prefix_space": True})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(C.CompatError, match="tokenizes"):
+        C.make_mlx_lm_loadable("mlx_megalodon/default_model", out / "dst")
+    assert list(out.iterdir()) == []
+
+
+def test_convert_cli_mlx_lm(tmp_path, capsys):
+    import mlx_lm
+
+    from mlx_megalodon.checkpoint import main
+    dst = tmp_path / "q8"
+    assert main(["mlx_megalodon/default_model", str(dst), "--mlx-lm", "-q", "--q-bits", "8"]) == 0
+    model, _ = mlx_lm.load(str(dst), trust_remote_code=True)
+    assert isinstance(model.layers[0].mega.wz, nn.QuantizedLinear)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]      # no staging directories left
+    capsys.readouterr()
+    assert main(["mlx_megalodon/default_model", str(dst), "--mlx-lm"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already exists" in err
+    assert main(["mlx_megalodon/default_model", str(tmp_path / "up"), "--mlx-lm", "--to", "upstream"]) == 1
+    assert "MLX directories only" in capsys.readouterr().err
+    from mlx_megalodon.mlx_lm_compat import main as compat_main
+    assert compat_main([str(tmp_path / "q8" / "config.json"), str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not an MLX model directory" in err and not (tmp_path / "x").exists()
