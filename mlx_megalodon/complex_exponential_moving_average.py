@@ -225,13 +225,19 @@ def cema_scan(x, coeffs: CEMACoefficients, state=None, return_state=False, doc_s
     With ``doc_starts`` (packed documents): the kernel with document resets where available, else
     the pure-ops segmented scan (also under MEGALODON_KERNELS=0)."""
     from .kernels import cema_kernel_available, cema_kernel_scan
+    # The kernels read a bf16 / fp16 x as it is and convert each element to float32 in registers
+    # (the same values as x.astype(float32)); a float32 copy would only add memory traffic, in the
+    # forward and again for the gradient. The pure-ops paths compute in float32 throughout.
+    use_kernel = cema_kernel_available(x.shape[1])
+    if not use_kernel:
+        x = x.astype(mx.float32)
     if doc_starts is not None:
         if state is not None or return_state:
             raise ValueError("CEMA over packed documents (doc_starts) takes no state and returns none")
-        if cema_kernel_available(x.shape[1]):
+        if use_kernel:
             return cema_kernel_scan(x, coeffs, doc_starts=doc_starts)
         return cema_segmented(x, coeffs, doc_starts), None
-    if cema_kernel_available(x.shape[1]):
+    if use_kernel:
         return cema_kernel_scan(x, coeffs, state, return_state)
     if x.shape[1] <= RECURRENCE_MAX_LEN:
         return cema_recurrence(x, coeffs, state, return_state)
@@ -268,4 +274,4 @@ class MultiHeadComplexEMA(nn.Module):
         """x: B x L x D (any float dtype) -> (float32 B x L x D, new (re, im) state or None).
         ``doc_starts`` (B x L ints, each token's document start) restarts the state from zero at
         every document start (packed rows; no state in or out)."""
-        return cema_scan(x.astype(mx.float32), self.coefficients(), state, return_state, doc_starts)
+        return cema_scan(x, self.coefficients(), state, return_state, doc_starts)

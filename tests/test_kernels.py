@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from factory import starts_from_lengths
+from mlx.utils import tree_flatten
 from mlx_megalodon import kernels as K
 from mlx_megalodon.complex_exponential_moving_average import (
     CEMACoefficients, MultiHeadComplexEMA, cema_fft, cema_recurrence, cema_scan, cema_segmented)
@@ -685,3 +686,46 @@ def test_cpu_emulated_packed_model_gradients(cpu_kernels, monkeypatch, grad_chec
     for key in sorted(grads_o):
         g, r = np.array(grads_k[key]), np.array(grads_o[key])
         assert float(np.abs(g - r).max()) <= 1e-4 * float(np.abs(r).max()) + 1e-7, key
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cema_module_hands_bf16_to_the_kernels_unconverted(cpu_kernels, packed):
+    """MultiHeadComplexEMA passes a bfloat16 x to the kernels as it is (no float32 copy in front):
+    the kernels receive bf16, and y and every gradient are bit-identical to converting first."""
+    from mlx_megalodon.complex_exponential_moving_average import MultiHeadComplexEMA, cema_scan
+    mx.random.seed(3)
+    cema = MultiHeadComplexEMA(6, 4)
+    x = mx.random.normal((2, 37, 6)).astype(mx.bfloat16)
+    starts = mx.array([[0] * 20 + [20] * 17, [0] * 37]) if packed else None
+    w = mx.random.normal((2, 37, 6))
+
+    def loss(x, params, pre_cast):
+        cema.update(params)
+        if pre_cast:   # what the module did before: a float32 copy of x in front of the scan
+            y = cema_scan(x.astype(mx.float32), cema.coefficients(), doc_starts=starts)[0]
+        else:
+            y = cema(x, doc_starts=starts)[0]
+        return (y * w).sum()
+
+    saved, inner = K._launcher.override, K._launcher()
+    dtypes = []
+
+    def recording(name, inputs, templates, *args):
+        if name in ("cema_fwd_local", "cema_fwd_final", "cema_bwd_final"):   # x is their first input
+            dtypes.append(inputs[0].dtype)
+        return inner(name, inputs, templates, *args)
+    recording.max_split = inner.max_split
+    K.set_launcher(recording)
+    try:
+        got = mx.value_and_grad(loss, argnums=(0, 1))(x, cema.parameters(), False)
+        assert dtypes and set(dtypes) == {mx.bfloat16}
+        assert cema(x, doc_starts=starts)[0].dtype == mx.float32
+        dtypes.clear()
+        want = mx.value_and_grad(loss, argnums=(0, 1))(x, cema.parameters(), True)
+    finally:
+        K.set_launcher(saved)
+    assert set(dtypes) == {mx.float32}                    # the old way: the kernels saw the copy
+    assert got[1][0].dtype == mx.bfloat16
+    flat = lambda r: [r[0], r[1][0], *(v for _, v in sorted(tree_flatten(r[1][1])))]
+    for a, b in zip(flat(got), flat(want)):
+        assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
