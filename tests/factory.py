@@ -186,6 +186,20 @@ def make_upstream_dir(directory, args: ModelArgs, sd: Dict[str, torch.Tensor], m
     return d
 
 
+# Packed-row layouts the reset kernels of every family are tested on: (document lengths per row,
+# chunk length; None = the automatic plan).
+PACKED_LAYOUTS = [
+    ([[40], [40]], 8),                                       # one document a row: the start at t = 0 only
+    ([[8, 16, 16], [3, 5, 1, 7, 24]], 8),                    # starts on chunk boundaries / mid-chunk
+    # L = 37, short last chunk: starts at the last step of a chunk (7), 1-token documents on a
+    # boundary (8) and at t = 0, 1, a start at the last chunk's first step (32) and its last (36)
+    ([[1, 1, 9, 1, 16, 1, 7, 1], [7, 1, 8, 16, 4, 1]], 8),
+    ([[70, 3, 77, 50], [1, 64, 85, 50]], 8),                 # 25 chunks, documents across many of them
+    ([[3, 5, 1, 7, 4], [1, 19]], 1),                         # every step its own chunk
+    ([[3, 5, 1, 7, 24], [8, 16, 16]], None),                 # the automatic plan
+]
+
+
 def starts_from_lengths(layout):
     """B x L int32 document starts from each row's document lengths (every row the same total)."""
     rows = []

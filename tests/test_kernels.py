@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from factory import starts_from_lengths
+from factory import PACKED_LAYOUTS, starts_from_lengths
 from mlx.utils import tree_flatten
 from mlx_megalodon import kernels as K
 from mlx_megalodon.complex_exponential_moving_average import (
@@ -199,20 +199,7 @@ def test_cpu_emulated_kernels_match_ops(cpu_kernels, monkeypatch, L, chunk):
         assert rel(a, b) < 2e-5, name
 
 
-# (document lengths per row, chunk). Chunk 8 unless said.
-PACKED_CPU_CASES = [
-    ([[40], [40]], 8),                                       # one document a row: the start at t = 0 only
-    ([[8, 16, 16], [3, 5, 1, 7, 24]], 8),                    # starts on chunk boundaries / mid-chunk
-    # L = 37, short last chunk: starts at the last step of a chunk (7), 1-token documents on a
-    # boundary (8) and at t = 0, 1, a start at the last chunk's first step (32) and its last (36)
-    ([[1, 1, 9, 1, 16, 1, 7, 1], [7, 1, 8, 16, 4, 1]], 8),
-    ([[70, 3, 77, 50], [1, 64, 85, 50]], 8),                 # 25 chunks, documents across many of them
-    ([[3, 5, 1, 7, 4], [1, 19]], 1),                         # every step its own chunk
-    ([[3, 5, 1, 7, 24], [8, 16, 16]], None),                 # the automatic plan (32 + 8)
-]
-
-
-@pytest.mark.parametrize("layout,chunk", PACKED_CPU_CASES)
+@pytest.mark.parametrize("layout,chunk", PACKED_LAYOUTS)
 def test_cpu_emulated_reset_kernels_match_per_document_and_segmented(cpu_kernels, monkeypatch, layout, chunk):
     monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
     starts = starts_from_lengths(layout)
@@ -311,7 +298,7 @@ def test_cpu_emulated_no_final_state_backward(cpu_kernels, monkeypatch, L, chunk
         assert rel(a, b) < tol, (name, rel(a, b))
 
 
-@pytest.mark.parametrize("layout,chunk", [PACKED_CPU_CASES[2], PACKED_CPU_CASES[3], PACKED_CPU_CASES[4]])
+@pytest.mark.parametrize("layout,chunk", [PACKED_LAYOUTS[2], PACKED_LAYOUTS[3], PACKED_LAYOUTS[4]])
 def test_cpu_emulated_reset_no_final_state_backward(cpu_kernels, monkeypatch, layout, chunk):
     """Packed rows with a (dropped) incoming state, a loss on y only: GHT0 = 1 with RESET = 1 against
     every document alone in float64 and against GHT0 = 0 (return_state=True); the start at t = 0

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from factory import starts_from_lengths
+from factory import PACKED_LAYOUTS, starts_from_lengths
 from mlx_megalodon import kernels as K
 from mlx_megalodon import timestep_norm_kernels as TK
 from mlx_megalodon.timestep_norm import TimestepNorm, TimestepNormState, timestep_norm
@@ -194,21 +194,8 @@ def test_cpu_emulated_kernels_match_references(cpu_kernels, monkeypatch, L, chun
     check_against_references(x, weight, bias, state, w, 3)
 
 
-# (document lengths per row, chunk).
-PACKED_CASES = [
-    ([[40], [40]], 8),                                       # one document a row: the start at t = 0 only
-    ([[8, 16, 16], [3, 5, 1, 7, 24]], 8),                    # starts on chunk boundaries / mid-chunk
-    # L = 37: a start at the last step of a chunk (7), 1-token documents on a boundary (8) and at
-    # t = 0, 1, a start at the last chunk's first step (32) and its last (36)
-    ([[1, 1, 9, 1, 16, 1, 7, 1], [7, 1, 8, 16, 4, 1]], 8),
-    ([[70, 3, 77, 50], [1, 64, 85, 50]], 8),                 # 25 chunks, documents across many of them
-    ([[3, 5, 1, 7, 4], [1, 19]], 1),                         # every step its own chunk
-    ([[3, 5, 1, 7, 24], [8, 16, 16]], None),                 # the automatic plan
-]
-
-
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("layout,chunk", PACKED_CASES)
+@pytest.mark.parametrize("layout,chunk", PACKED_LAYOUTS)
 def test_cpu_emulated_reset_kernels_match_references(cpu_kernels, monkeypatch, layout, chunk, with_state):
     monkeypatch.setattr(TK, "CHUNK_OVERRIDE", chunk)
     starts = starts_from_lengths(layout)
