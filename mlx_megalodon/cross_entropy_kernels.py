@@ -17,7 +17,6 @@ metal/cross_entropy.{metal,cu} are written by ``python -m mlx_megalodon.kernels`
 from __future__ import annotations
 
 import ctypes
-import os
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
@@ -124,12 +123,7 @@ def ce_kernel_wanted(shape: Sequence[int], dtype: Optional[mx.Dtype] = None) -> 
         return False
     if dtype is not None and dtype not in (mx.float32, mx.bfloat16, mx.float16):
         return False
-    force = os.environ.get("MEGALODON_CE_KERNEL")
-    if force in ("0", "1"):
-        return force == "1"
-    if _launcher.override is None:
-        return CE_KERNEL_DEFAULT.get(K.gpu_backend() or "", False)
-    return PREFER_KERNEL
+    return _launcher.policy("MEGALODON_CE_KERNEL", CE_KERNEL_DEFAULT, PREFER_KERNEL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -404,6 +404,17 @@ class LauncherSlot:
     def available(self) -> bool:
         return self.override is not None or gpu_backend() is not None
 
+    def policy(self, env: str, defaults: Dict[str, bool], prefer_under_test: bool) -> bool:
+        """A kernel family's answer once its own checks pass: the environment variable `env` = 1 / 0
+        forces it; else under a test launcher `prefer_under_test`, and on a GPU the family's
+        measured default for the backend (False where none is recorded)."""
+        force = os.environ.get(env)
+        if force in ("0", "1"):
+            return force == "1"
+        if self.override is None:
+            return defaults.get(gpu_backend() or "", False)
+        return prefer_under_test
+
     def __call__(self):
         if self.override is not None:
             return self.override

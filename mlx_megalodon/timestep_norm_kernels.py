@@ -19,7 +19,6 @@ metal/timestep_norm.{metal,cu} are written by ``python -m mlx_megalodon.kernels`
 from __future__ import annotations
 
 import ctypes
-import os
 import tempfile
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -185,12 +184,7 @@ def kernel_wanted(shape: Sequence[int], num_groups: int) -> bool:
         return False
     if lanes(shape[2] // num_groups) is None:
         return False
-    force = os.environ.get("MEGALODON_TNORM_KERNEL")
-    if force in ("0", "1"):
-        return force == "1"
-    if _launcher.override is None:
-        return TIMESTEP_NORM_KERNEL_DEFAULT.get(K.gpu_backend() or "", False)
-    return PREFER_KERNEL
+    return _launcher.policy("MEGALODON_TNORM_KERNEL", TIMESTEP_NORM_KERNEL_DEFAULT, PREFER_KERNEL)
 
 
 def plan(B: int, L: int, G: int, W: int, chunk: Optional[int] = None) -> Tuple[int, int, int]:
