@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
-from benchmarks.kernels import coeffs, timeit  # noqa: E402
+from benchmarks.kernels import N, coeffs, timeit  # noqa: E402
 from mlx_megalodon import kernels as K  # noqa: E402
 from mlx_megalodon.complex_exponential_moving_average import CEMACoefficients  # noqa: E402
 
@@ -76,7 +76,7 @@ def main(argv=None):
                 K.TARGET_THREADS, K.MIN_CHUNK = target, floor
                 ms = timeit(make(c), xs, min_time=0.1, max_reps=10) * 1e3
                 row = {"B": B, "L": L, "D": D, "pass": kind, npt_name: npt, "TARGET_THREADS": target,
-                       "MIN_CHUNK": floor, "chunk": K.plan(B, L, D, K._split(16, npt, K._launcher().max_split))[0],
+                       "MIN_CHUNK": floor, "chunk": K.plan(B, L, D, K._split(N, npt, K._launcher().max_split))[0],
                        "ms": ms}
                 results["rows"].append(row)
                 timed.append(row)

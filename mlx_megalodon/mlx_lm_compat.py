@@ -89,16 +89,16 @@ def _check_with_mlx_lm(directory: Path) -> None:
 
     from .utils import load
     ours, our_tok = load(directory)
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()   # it warns that "megalodon" is no transformers model type
-    except ImportError:
-        pass
+    from transformers.utils import logging as hf_logging   # mlx-lm depends on transformers
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # it warns that "megalodon" is no transformers model type
     try:
         theirs, their_tok = mlx_lm.load(str(directory), trust_remote_code=True)
     except Exception as e:
         raise CompatError(f"mlx_lm.load failed on the prepared directory: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     for text in PROBE_TEXTS:
         want, got = our_tok.encode(text, bos=True), list(their_tok.encode(text))
         if want != got:

@@ -54,7 +54,7 @@ def test_mlx_lm_generate_step_gives_our_greedy_tokens(default_model, prefill_ste
     assert theirs == ours
 
 
-def test_mlx_lm_lora_layers_train_only_the_adapters(default_model):
+def test_mlx_lm_lora_layers_train_only_the_adapters():
     model, tok = load("mlx_megalodon/default_model")  # a fresh copy: this test changes the model
     model.freeze()
     keys = ["mega.wz", "mega.wv", "nffn.fc1"]
