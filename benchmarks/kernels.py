@@ -32,6 +32,12 @@ T0 = time.time()
 # H200 device-to-device copy, read + write, measured with PyTorch on these machines (KINDS.md):
 # the roofline for a pass that must read x and write y. MLX's own `x * 1.0` reaches less.
 COPY_CEILING_GBPS = 4300.0
+# The forward is bound by FP32 arithmetic, not bytes. Its roofline: the FP32 instructions the
+# algorithm needs (an FMA counts one; metal/cema_scan.body's header: 4 per step and state dim in
+# cema_fwd_local, 6 in cema_fwd_final) at the H200's FP32 issue rate, 132 SMs x 128 lanes x
+# 1.98 GHz (nvidia-smi's max SM clock on these machines).
+FWD_FP32_OPS_PER_STEP_AND_DIM = 4 + 6
+H200_FP32_INSTR_PER_S = 132 * 128 * 1.98e9
 
 
 def coeffs(D: int) -> CEMACoefficients:
@@ -167,6 +173,8 @@ def run_phase(phase, args, results, ceiling):
                 row["kernel_GBps"] = bytes_moved / row["kernel_ms"] / 1e6
                 row["roofline_pct"] = 100 * row["kernel_GBps"] / COPY_CEILING_GBPS
                 row["pct_of_mlx_copy"] = 100 * row["kernel_GBps"] * 1e9 / ceiling
+                ideal_s = L * D * N * FWD_FP32_OPS_PER_STEP_AND_DIM / H200_FP32_INSTR_PER_S
+                row["fp32_roofline_pct"] = 100 * ideal_s / (row["kernel_ms"] / 1e3)
                 if L * D <= (1 << 28):
                     K.TARGET_THREADS = bwd_target
                     row["kernel_fwd_bwd_ms"] = timeit(grad_fn(K.cema_kernel_scan, c), xs, max_reps=10) * 1e3
@@ -321,13 +329,14 @@ def sweep(args, results):
 
 def print_table(results):
     ceiling = results.get("copy_GBps", float("nan"))
-    print("\n| D | L | kernel ms | GB/s | % of 4.3 TB/s | FFT ms | speed-up | torch_ref ms | kernel fwd+bwd ms | FFT fwd+bwd ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| D | L | kernel ms | GB/s | % of 4.3 TB/s | % of FP32 roofline | FFT ms | speed-up | torch_ref ms | "
+          "kernel fwd+bwd ms | FFT fwd+bwd ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda r, k, fmt="{:.3f}": fmt.format(r[k]) if k in r else "-"
     for r in results["rows"]:
         sp = f"{r['fft_ms'] / r['kernel_ms']:.1f}x" if "fft_ms" in r and "kernel_ms" in r else "-"
         print(f"| {r['D']} | {r['L']} | {f(r, 'kernel_ms')} | {f(r, 'kernel_GBps', '{:.0f}')} | "
-              f"{f(r, 'roofline_pct', '{:.0f}')} | {f(r, 'fft_ms')} | {sp} | {f(r, 'torch_ref_ms')} | "
+              f"{f(r, 'roofline_pct', '{:.0f}')} | {f(r, 'fp32_roofline_pct', '{:.0f}')} | {f(r, 'fft_ms')} | {sp} | {f(r, 'torch_ref_ms')} | "
               f"{f(r, 'kernel_fwd_bwd_ms')} | {f(r, 'fft_fwd_bwd_ms')} |")
     for r in results.get("decode", []):
         print(f"decode D={r['D']} L=1: kernel {r['kernel_ms']:.3f} ms, ops recurrence {r['recurrence_ms']:.3f} ms")

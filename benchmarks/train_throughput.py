@@ -16,7 +16,8 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
   tnorm        default dispatch with the fused TimestepNorm kernel forced on (MEGALODON_TNORM_KERNEL=1)
   no-tnorm     default dispatch with the fused TimestepNorm kernel forced off (MEGALODON_TNORM_KERNEL=0)
   ce-kernel    default dispatch with the fused cross-entropy kernels forced on (MEGALODON_CE_KERNEL=1):
-               the loss reads the bf16 logits, no float32 copy
+               the loss reads the bf16 logits, no float32 copy (the CUDA default)
+  no-ce-kernel default dispatch with the fused cross-entropy kernels forced off (MEGALODON_CE_KERNEL=0)
 ``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
 """
 import os
@@ -39,7 +40,7 @@ from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E
 from benchmarks.long_context import device_name  # noqa: E402
 
 
-VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel")
+VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel")
 
 
 def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",
@@ -49,8 +50,8 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     if variant in ("tnorm", "no-tnorm"):
         os.environ["MEGALODON_TNORM_KERNEL"] = "1" if variant == "tnorm" else "0"
     os.environ.pop("MEGALODON_CE_KERNEL", None)
-    if variant == "ce-kernel":
-        os.environ["MEGALODON_CE_KERNEL"] = "1"
+    if variant in ("ce-kernel", "no-ce-kernel"):
+        os.environ["MEGALODON_CE_KERNEL"] = "1" if variant == "ce-kernel" else "0"
     mx.random.seed(0)
     model = Model(args)
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype=dtype, grad_checkpoint=grad_checkpoint,

@@ -11,6 +11,7 @@ typedef size_t mgk_idx;  // 64-bit element index
 #define MGK_SIN(v) metal::sin(v)
 #define MGK_LOG(v) metal::log(v)
 #define MGK_RSQRT(v) metal::rsqrt(v)
+#define MGK_FMA(a, b, c) metal::fma(a, b, c)  // a * b + c, one rounding
 // Before a loop over a per-thread array: fully unrolled, so the array stays in registers.
 #define MGK_UNROLL_ALL _Pragma("unroll")
 
@@ -78,8 +79,12 @@ MGK_FN MgkC mgk_polar(float log_mag, float phase) {
   return o;
 }
 
-// Steps of x prefetched per block in the time loops (loads in flight per thread).
-#define MGK_UNROLL 8
+// Steps per block in the time loops: a block's x (gy) loads are in flight while the block before
+// it computes. Measured on the H200 (benchmarks/KERNELS.md): the forward is fastest at 16 (8.12 ms
+// at D = 1024, L = 1M, against 8.76 at 8 and 11.5 at 4), the backward, which holds more state per
+// thread, at 8.
+#define MGK_UNROLL_FWD 16
+#define MGK_UNROLL_BWD 8
 
 // ---- kernel cema_fwd_local
 template <typename T, int NPT, int NSPLIT, int RESET>
@@ -128,14 +133,31 @@ const mgk_idx base = ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C) * (mgk_
 const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C;  // starts of the chunk's steps
 const int t0 = c * C;
 int j = 0;
-for (; j + MGK_UNROLL <= C; j += MGK_UNROLL) {
-  float xs[MGK_UNROLL];
-  bool cut[MGK_UNROLL];
-  for (int u = 0; u < MGK_UNROLL; ++u) {
-    xs[u] = mgk_load(x[base + (mgk_idx)(j + u) * (mgk_idx)D]);
+// The next block's inputs are loaded while this block computes (kept in their own dtype:
+// converting them at once would wait for the loads).
+T xn[MGK_UNROLL_FWD];
+if (MGK_UNROLL_FWD <= C) {
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_FWD; ++u) {
+    xn[u] = x[base + (mgk_idx)u * (mgk_idx)D];
+  }
+}
+for (; j + MGK_UNROLL_FWD <= C; j += MGK_UNROLL_FWD) {
+  float xs[MGK_UNROLL_FWD];
+  bool cut[MGK_UNROLL_FWD];
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_FWD; ++u) {
+    xs[u] = mgk_load(xn[u]);
     cut[u] = RESET != 0 && starts[sb + (mgk_idx)(j + u)] == t0 + j + u;
   }
-  for (int u = 0; u < MGK_UNROLL; ++u) {
+  if (j + 2 * MGK_UNROLL_FWD <= C) {
+    MGK_UNROLL_ALL
+    for (int u = 0; u < MGK_UNROLL_FWD; ++u) {
+      xn[u] = x[base + (mgk_idx)(j + MGK_UNROLL_FWD + u) * (mgk_idx)D];
+    }
+  }
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_FWD; ++u) {
     if (RESET != 0 && cut[u]) {
       for (int k = 0; k < NPT; ++k) {
         hr[k] = 0.0f;
@@ -143,8 +165,8 @@ for (; j + MGK_UNROLL <= C; j += MGK_UNROLL) {
       }
     }
     for (int k = 0; k < NPT; ++k) {
-      const float r = qr[k] * hr[k] - qi[k] * hi[k] + xs[u];
-      hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
+      const float r = MGK_FMA(qr[k], hr[k], MGK_FMA(-qi[k], hi[k], xs[u]));
+      hi[k] = MGK_FMA(qr[k], hi[k], qi[k] * hr[k]);
       hr[k] = r;
     }
   }
@@ -158,8 +180,8 @@ for (; j < C; ++j) {
     }
   }
   for (int k = 0; k < NPT; ++k) {
-    const float r = qr[k] * hr[k] - qi[k] * hi[k] + xv;
-    hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
+    const float r = MGK_FMA(qr[k], hr[k], MGK_FMA(-qi[k], hi[k], xv));
+    hi[k] = MGK_FMA(qr[k], hi[k], qi[k] * hr[k]);
     hr[k] = r;
   }
 }
@@ -315,14 +337,31 @@ const mgk_idx base = ((mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C) * (mgk_
 const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C;  // starts of the chunk's steps
 const int t0 = c * C;
 int j = 0;
-for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
-  float xs[MGK_UNROLL];
-  bool cut[MGK_UNROLL];
-  for (int u = 0; u < MGK_UNROLL; ++u) {
-    xs[u] = mgk_load(x[base + (mgk_idx)(j + u) * (mgk_idx)D]);
+// The next block's inputs are loaded while this block computes (kept in their own dtype:
+// converting them at once would wait for the loads).
+T xn[MGK_UNROLL_FWD];
+if (MGK_UNROLL_FWD <= len) {
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_FWD; ++u) {
+    xn[u] = x[base + (mgk_idx)u * (mgk_idx)D];
+  }
+}
+for (; j + MGK_UNROLL_FWD <= len; j += MGK_UNROLL_FWD) {
+  float xs[MGK_UNROLL_FWD];
+  bool cut[MGK_UNROLL_FWD];
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_FWD; ++u) {
+    xs[u] = mgk_load(xn[u]);
     cut[u] = RESET != 0 && starts[sb + (mgk_idx)(j + u)] == t0 + j + u;
   }
-  for (int u = 0; u < MGK_UNROLL; ++u) {
+  if (j + 2 * MGK_UNROLL_FWD <= len) {
+    MGK_UNROLL_ALL
+    for (int u = 0; u < MGK_UNROLL_FWD; ++u) {
+      xn[u] = x[base + (mgk_idx)(j + MGK_UNROLL_FWD + u) * (mgk_idx)D];
+    }
+  }
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_FWD; ++u) {
     if (RESET != 0 && cut[u]) {
       for (int k = 0; k < NPT; ++k) {
         hr[k] = 0.0f;
@@ -330,13 +369,18 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
       }
     }
     float acc = 0.0f;
+    float acc1 = 0.0f;  // odd state dims: two chains of dependent adds, half as long
     for (int k = 0; k < NPT; ++k) {
-      const float r = qr[k] * hr[k] - qi[k] * hi[k] + xs[u];
-      hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
+      const float r = MGK_FMA(qr[k], hr[k], MGK_FMA(-qi[k], hi[k], xs[u]));
+      hi[k] = MGK_FMA(qr[k], hi[k], qi[k] * hr[k]);
       hr[k] = r;
-      acc += gr[k] * hr[k] + ngi[k] * hi[k];
+      if ((k & 1) == 0) {
+        acc = MGK_FMA(gr[k], hr[k], MGK_FMA(ngi[k], hi[k], acc));
+      } else {
+        acc1 = MGK_FMA(gr[k], hr[k], MGK_FMA(ngi[k], hi[k], acc1));
+      }
     }
-    acc = mgk_group_sum<NSPLIT>(acc);
+    acc = mgk_group_sum<NSPLIT>(acc + acc1);
     if (split == 0) {
       y[base + (mgk_idx)(j + u) * (mgk_idx)D] = acc + om * xs[u];
     }
@@ -351,13 +395,18 @@ for (; j < len; ++j) {
     }
   }
   float acc = 0.0f;
+  float acc1 = 0.0f;  // odd state dims: two chains of dependent adds, half as long
   for (int k = 0; k < NPT; ++k) {
-    const float r = qr[k] * hr[k] - qi[k] * hi[k] + xv;
-    hi[k] = qr[k] * hi[k] + qi[k] * hr[k];
+    const float r = MGK_FMA(qr[k], hr[k], MGK_FMA(-qi[k], hi[k], xv));
+    hi[k] = MGK_FMA(qr[k], hi[k], qi[k] * hr[k]);
     hr[k] = r;
-    acc += gr[k] * hr[k] + ngi[k] * hi[k];
+    if ((k & 1) == 0) {
+        acc = MGK_FMA(gr[k], hr[k], MGK_FMA(ngi[k], hi[k], acc));
+      } else {
+        acc1 = MGK_FMA(gr[k], hr[k], MGK_FMA(ngi[k], hi[k], acc1));
+      }
   }
-  acc = mgk_group_sum<NSPLIT>(acc);
+  acc = mgk_group_sum<NSPLIT>(acc + acc1);
   if (split == 0) {
     y[base + (mgk_idx)j * (mgk_idx)D] = acc + om * xv;
   }
@@ -438,21 +487,38 @@ const mgk_idx base =
 const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1);
 const int tl = c * C + len - 1;
 int j = 0;
-for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
-  float gs[MGK_UNROLL];
-  bool cut[MGK_UNROLL];
-  for (int u = 0; u < MGK_UNROLL; ++u) {
-    gs[u] = gy[base - (mgk_idx)(j + u) * (mgk_idx)D];
+// The next block's inputs are loaded while this block computes (kept in their own dtype:
+// converting them at once would wait for the loads).
+float gn[MGK_UNROLL_BWD];
+if (MGK_UNROLL_BWD <= len) {
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
+    gn[u] = gy[base - (mgk_idx)u * (mgk_idx)D];
+  }
+}
+for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
+  float gs[MGK_UNROLL_BWD];
+  bool cut[MGK_UNROLL_BWD];
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
+    gs[u] = gn[u];
     cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
-  for (int u = 0; u < MGK_UNROLL; ++u) {
+  if (j + 2 * MGK_UNROLL_BWD <= len) {
+    MGK_UNROLL_ALL
+    for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
+      gn[u] = gy[base - (mgk_idx)(j + MGK_UNROLL_BWD + u) * (mgk_idx)D];
+    }
+  }
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
     for (int k = 0; k < NPT; ++k) {
       if (GHT0 != 0) {
         // nu_t = gy_t + Q nu_{t+1} (carried as nu: no separate add);  K_{t-1} = nu_t + Q K_t
-        const float nr = gs[u] + qr[k] * vr[k] + qi[k] * vi[k];
-        const float ni = qr[k] * vi[k] - qi[k] * vr[k];
-        const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
-        ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+        const float nr = MGK_FMA(qr[k], vr[k], MGK_FMA(qi[k], vi[k], gs[u]));
+        const float ni = MGK_FMA(qr[k], vi[k], -qi[k] * vr[k]);
+        const float kr2 = MGK_FMA(qr[k], kr[k], MGK_FMA(qi[k], ki[k], nr));
+        ki[k] = MGK_FMA(qr[k], ki[k], MGK_FMA(-qi[k], kr[k], ni));
         kr[k] = kr2;
         vr[k] = nr;
         vi[k] = ni;
@@ -460,11 +526,11 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
         const float nr = vr[k] + gs[u];  // nu_t
         const float ni = vi[k];
         // K_{t-1} = nu_t + Q K_t ;  V_{t-1} = Q nu_t   (Q z = (qr zr + qi zi, qr zi - qi zr))
-        const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
-        ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+        const float kr2 = MGK_FMA(qr[k], kr[k], MGK_FMA(qi[k], ki[k], nr));
+        ki[k] = MGK_FMA(qr[k], ki[k], MGK_FMA(-qi[k], kr[k], ni));
         kr[k] = kr2;
-        vr[k] = qr[k] * nr + qi[k] * ni;
-        vi[k] = qr[k] * ni - qi[k] * nr;
+        vr[k] = MGK_FMA(qr[k], nr, qi[k] * ni);
+        vi[k] = MGK_FMA(qr[k], ni, -qi[k] * nr);
       }
     }
     if (RESET != 0 && cut[u]) {  // t is a document start: nothing flows on to t-1
@@ -481,21 +547,21 @@ for (; j < len; ++j) {
   const float gv = gy[base - (mgk_idx)j * (mgk_idx)D];
   for (int k = 0; k < NPT; ++k) {
     if (GHT0 != 0) {
-      const float nr = gv + qr[k] * vr[k] + qi[k] * vi[k];
-      const float ni = qr[k] * vi[k] - qi[k] * vr[k];
-      const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
-      ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+      const float nr = MGK_FMA(qr[k], vr[k], MGK_FMA(qi[k], vi[k], gv));
+      const float ni = MGK_FMA(qr[k], vi[k], -qi[k] * vr[k]);
+      const float kr2 = MGK_FMA(qr[k], kr[k], MGK_FMA(qi[k], ki[k], nr));
+      ki[k] = MGK_FMA(qr[k], ki[k], MGK_FMA(-qi[k], kr[k], ni));
       kr[k] = kr2;
       vr[k] = nr;
       vi[k] = ni;
     } else {
       const float nr = vr[k] + gv;
       const float ni = vi[k];
-      const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
-      ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+      const float kr2 = MGK_FMA(qr[k], kr[k], MGK_FMA(qi[k], ki[k], nr));
+      ki[k] = MGK_FMA(qr[k], ki[k], MGK_FMA(-qi[k], kr[k], ni));
       kr[k] = kr2;
-      vr[k] = qr[k] * nr + qi[k] * ni;
-      vi[k] = qr[k] * ni - qi[k] * nr;
+      vr[k] = MGK_FMA(qr[k], nr, qi[k] * ni);
+      vi[k] = MGK_FMA(qr[k], ni, -qi[k] * nr);
     }
   }
   if (RESET != 0 && starts[sb - (mgk_idx)j] == tl - j) {
@@ -742,51 +808,80 @@ const mgk_idx base =
 const mgk_idx sb = (mgk_idx)b * (mgk_idx)L + (mgk_idx)c * (mgk_idx)C + (mgk_idx)(len - 1);
 const int tl = c * C + len - 1;
 int j = 0;
-for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
-  float xs[MGK_UNROLL];
-  float gs[MGK_UNROLL];
-  bool cut[MGK_UNROLL];
-  for (int u = 0; u < MGK_UNROLL; ++u) {
-    xs[u] = mgk_load(x[base - (mgk_idx)(j + u) * (mgk_idx)D]);
-    gs[u] = gy[base - (mgk_idx)(j + u) * (mgk_idx)D];
+// The next block's inputs are loaded while this block computes (kept in their own dtype:
+// converting them at once would wait for the loads).
+T xn[MGK_UNROLL_BWD];
+float gn[MGK_UNROLL_BWD];
+if (MGK_UNROLL_BWD <= len) {
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
+    xn[u] = x[base - (mgk_idx)u * (mgk_idx)D];
+    gn[u] = gy[base - (mgk_idx)u * (mgk_idx)D];
+  }
+}
+for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
+  float xs[MGK_UNROLL_BWD];
+  float gs[MGK_UNROLL_BWD];
+  bool cut[MGK_UNROLL_BWD];
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
+    xs[u] = mgk_load(xn[u]);
+    gs[u] = gn[u];
     cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
-  for (int u = 0; u < MGK_UNROLL; ++u) {
+  if (j + 2 * MGK_UNROLL_BWD <= len) {
+    MGK_UNROLL_ALL
+    for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
+      xn[u] = x[base - (mgk_idx)(j + MGK_UNROLL_BWD + u) * (mgk_idx)D];
+      gn[u] = gy[base - (mgk_idx)(j + MGK_UNROLL_BWD + u) * (mgk_idx)D];
+    }
+  }
+  MGK_UNROLL_ALL
+  for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
     const float xv = xs[u];
     const float gv = gs[u];
     float acc = 0.0f;
+    float acc1 = 0.0f;  // odd state dims: two chains of dependent adds, half as long
     for (int k = 0; k < NPT; ++k) {
       if (GHT0 != 0) {
-        const float nr = gv + qr[k] * vr[k] + qi[k] * vi[k];  // nu_t = gy_t + Q nu_{t+1}
-        const float ni = qr[k] * vi[k] - qi[k] * vr[k];
-        skr[k] += xv * kr[k];
-        ski[k] += xv * ki[k];
-        snr[k] += xv * nr;
-        sni[k] += xv * ni;
-        acc += pgr[k] * nr + pgi[k] * ni;
-        const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];  // kappa'_{t-1} = nu_t + Q kappa'_t
-        ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+        const float nr = MGK_FMA(qr[k], vr[k], MGK_FMA(qi[k], vi[k], gv));  // nu_t = gy_t + Q nu_{t+1}
+        const float ni = MGK_FMA(qr[k], vi[k], -qi[k] * vr[k]);
+        skr[k] = MGK_FMA(xv, kr[k], skr[k]);
+        ski[k] = MGK_FMA(xv, ki[k], ski[k]);
+        snr[k] = MGK_FMA(xv, nr, snr[k]);
+        sni[k] = MGK_FMA(xv, ni, sni[k]);
+        if ((k & 1) == 0) {
+          acc = MGK_FMA(pgr[k], nr, MGK_FMA(pgi[k], ni, acc));
+        } else {
+          acc1 = MGK_FMA(pgr[k], nr, MGK_FMA(pgi[k], ni, acc1));
+        }
+        const float kr2 = MGK_FMA(qr[k], kr[k], MGK_FMA(qi[k], ki[k], nr));  // kappa'_{t-1} = nu_t + Q kappa'_t
+        ki[k] = MGK_FMA(qr[k], ki[k], MGK_FMA(-qi[k], kr[k], ni));
         kr[k] = kr2;
         vr[k] = nr;
         vi[k] = ni;
       } else {
-        const float mr = ar[k] + gr[k] * gv;  // mu_t
-        const float mi = ai[k] - gi[k] * gv;
+        const float mr = MGK_FMA(gr[k], gv, ar[k]);  // mu_t
+        const float mi = MGK_FMA(-gi[k], gv, ai[k]);
         const float nr = vr[k] + gv;  // nu_t
         const float ni = vi[k];
-        skr[k] += xv * kr[k];
-        ski[k] += xv * ki[k];
-        snr[k] += xv * nr;
-        sni[k] += xv * ni;
-        sp[k] += xv * mr;
-        acc += pp[k] * mr;
-        const float kr2 = mr + qr[k] * kr[k] + qi[k] * ki[k];
-        ki[k] = mi + qr[k] * ki[k] - qi[k] * kr[k];
+        skr[k] = MGK_FMA(xv, kr[k], skr[k]);
+        ski[k] = MGK_FMA(xv, ki[k], ski[k]);
+        snr[k] = MGK_FMA(xv, nr, snr[k]);
+        sni[k] = MGK_FMA(xv, ni, sni[k]);
+        sp[k] = MGK_FMA(xv, mr, sp[k]);
+        if ((k & 1) == 0) {
+          acc = MGK_FMA(pp[k], mr, acc);
+        } else {
+          acc1 = MGK_FMA(pp[k], mr, acc1);
+        }
+        const float kr2 = MGK_FMA(qr[k], kr[k], MGK_FMA(qi[k], ki[k], mr));
+        ki[k] = MGK_FMA(qr[k], ki[k], MGK_FMA(-qi[k], kr[k], mi));
         kr[k] = kr2;
-        ar[k] = qr[k] * mr + qi[k] * mi;
-        ai[k] = qr[k] * mi - qi[k] * mr;
-        vr[k] = qr[k] * nr + qi[k] * ni;
-        vi[k] = qr[k] * ni - qi[k] * nr;
+        ar[k] = MGK_FMA(qr[k], mr, qi[k] * mi);
+        ai[k] = MGK_FMA(qr[k], mi, -qi[k] * mr);
+        vr[k] = MGK_FMA(qr[k], nr, qi[k] * ni);
+        vi[k] = MGK_FMA(qr[k], ni, -qi[k] * nr);
       }
     }
     if (RESET != 0 && cut[u]) {  // t is a document start: nothing flows on to t-1
@@ -799,7 +894,7 @@ for (; j + MGK_UNROLL <= len; j += MGK_UNROLL) {
         vi[k] = 0.0f;
       }
     }
-    acc = mgk_group_sum<NSPLIT>(acc);
+    acc = mgk_group_sum<NSPLIT>(acc + acc1);
     som += gv * xv;
     if (split == 0) {
       gx[base - (mgk_idx)(j + u) * (mgk_idx)D] = mgk_cast<T>(acc + om * gv);
@@ -810,38 +905,47 @@ for (; j < len; ++j) {
   const float xv = mgk_load(x[base - (mgk_idx)j * (mgk_idx)D]);
   const float gv = gy[base - (mgk_idx)j * (mgk_idx)D];
   float acc = 0.0f;
+  float acc1 = 0.0f;  // odd state dims: two chains of dependent adds, half as long
   for (int k = 0; k < NPT; ++k) {
     if (GHT0 != 0) {
-      const float nr = gv + qr[k] * vr[k] + qi[k] * vi[k];
-      const float ni = qr[k] * vi[k] - qi[k] * vr[k];
-      skr[k] += xv * kr[k];
-      ski[k] += xv * ki[k];
-      snr[k] += xv * nr;
-      sni[k] += xv * ni;
-      acc += pgr[k] * nr + pgi[k] * ni;
-      const float kr2 = nr + qr[k] * kr[k] + qi[k] * ki[k];
-      ki[k] = ni + qr[k] * ki[k] - qi[k] * kr[k];
+      const float nr = MGK_FMA(qr[k], vr[k], MGK_FMA(qi[k], vi[k], gv));
+      const float ni = MGK_FMA(qr[k], vi[k], -qi[k] * vr[k]);
+      skr[k] = MGK_FMA(xv, kr[k], skr[k]);
+      ski[k] = MGK_FMA(xv, ki[k], ski[k]);
+      snr[k] = MGK_FMA(xv, nr, snr[k]);
+      sni[k] = MGK_FMA(xv, ni, sni[k]);
+      if ((k & 1) == 0) {
+          acc = MGK_FMA(pgr[k], nr, MGK_FMA(pgi[k], ni, acc));
+        } else {
+          acc1 = MGK_FMA(pgr[k], nr, MGK_FMA(pgi[k], ni, acc1));
+        }
+      const float kr2 = MGK_FMA(qr[k], kr[k], MGK_FMA(qi[k], ki[k], nr));
+      ki[k] = MGK_FMA(qr[k], ki[k], MGK_FMA(-qi[k], kr[k], ni));
       kr[k] = kr2;
       vr[k] = nr;
       vi[k] = ni;
     } else {
-      const float mr = ar[k] + gr[k] * gv;
-      const float mi = ai[k] - gi[k] * gv;
+      const float mr = MGK_FMA(gr[k], gv, ar[k]);
+      const float mi = MGK_FMA(-gi[k], gv, ai[k]);
       const float nr = vr[k] + gv;
       const float ni = vi[k];
-      skr[k] += xv * kr[k];
-      ski[k] += xv * ki[k];
-      snr[k] += xv * nr;
-      sni[k] += xv * ni;
-      sp[k] += xv * mr;
-      acc += pp[k] * mr;
-      const float kr2 = mr + qr[k] * kr[k] + qi[k] * ki[k];
-      ki[k] = mi + qr[k] * ki[k] - qi[k] * kr[k];
+      skr[k] = MGK_FMA(xv, kr[k], skr[k]);
+      ski[k] = MGK_FMA(xv, ki[k], ski[k]);
+      snr[k] = MGK_FMA(xv, nr, snr[k]);
+      sni[k] = MGK_FMA(xv, ni, sni[k]);
+      sp[k] = MGK_FMA(xv, mr, sp[k]);
+      if ((k & 1) == 0) {
+          acc = MGK_FMA(pp[k], mr, acc);
+        } else {
+          acc1 = MGK_FMA(pp[k], mr, acc1);
+        }
+      const float kr2 = MGK_FMA(qr[k], kr[k], MGK_FMA(qi[k], ki[k], mr));
+      ki[k] = MGK_FMA(qr[k], ki[k], MGK_FMA(-qi[k], kr[k], mi));
       kr[k] = kr2;
-      ar[k] = qr[k] * mr + qi[k] * mi;
-      ai[k] = qr[k] * mi - qi[k] * mr;
-      vr[k] = qr[k] * nr + qi[k] * ni;
-      vi[k] = qr[k] * ni - qi[k] * nr;
+      ar[k] = MGK_FMA(qr[k], mr, qi[k] * mi);
+      ai[k] = MGK_FMA(qr[k], mi, -qi[k] * mr);
+      vr[k] = MGK_FMA(qr[k], nr, qi[k] * ni);
+      vi[k] = MGK_FMA(qr[k], ni, -qi[k] * nr);
     }
   }
   if (RESET != 0 && starts[sb - (mgk_idx)j] == tl - j) {
@@ -854,7 +958,7 @@ for (; j < len; ++j) {
       vi[k] = 0.0f;
     }
   }
-  acc = mgk_group_sum<NSPLIT>(acc);
+  acc = mgk_group_sum<NSPLIT>(acc + acc1);
   som += gv * xv;
   if (split == 0) {
     gx[base - (mgk_idx)j * (mgk_idx)D] = mgk_cast<T>(acc + om * gv);

@@ -11,6 +11,7 @@ typedef unsigned long long mgk_idx;  // 64-bit element index
 #define MGK_SIN(v) sinf(v)
 #define MGK_LOG(v) logf(v)
 #define MGK_RSQRT(v) rsqrtf(v)
+#define MGK_FMA(a, b, c) fmaf(a, b, c)  // a * b + c, one rounding
 // Before a loop over a per-thread array: fully unrolled, so the array stays in registers.
 #define MGK_UNROLL_ALL _Pragma("unroll")
 

@@ -11,6 +11,7 @@ typedef size_t mgk_idx;  // 64-bit element index
 #define MGK_SIN(v) metal::sin(v)
 #define MGK_LOG(v) metal::log(v)
 #define MGK_RSQRT(v) metal::rsqrt(v)
+#define MGK_FMA(a, b, c) metal::fma(a, b, c)  // a * b + c, one rounding
 // Before a loop over a per-thread array: fully unrolled, so the array stays in registers.
 #define MGK_UNROLL_ALL _Pragma("unroll")
 

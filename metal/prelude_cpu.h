@@ -10,6 +10,7 @@ typedef std::size_t mgk_idx;  // 64-bit element index
 #define MGK_SIN(v) std::sin(v)
 #define MGK_LOG(v) std::log(v)
 #define MGK_RSQRT(v) (1.0f / std::sqrt(v))
+#define MGK_FMA(a, b, c) std::fma(a, b, c)  // a * b + c, one rounding
 #define MGK_UNROLL_ALL  // g++ -O2 decides
 
 static inline float mgk_load(float v) { return v; }

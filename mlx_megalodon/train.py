@@ -199,8 +199,8 @@ def loss_fn(model, inputs: mx.array, targets: mx.array, mask: Optional[mx.array]
     With ``segment_ids`` the packed documents of a row do not see each other. ``loss_piece`` > 0
     (and shorter than the rows): project and score that many tokens at a time, so the B x L x vocab
     logits are never whole (same result; the head's matmul is recomputed in the backward pass).
-    Otherwise, where the fused cross-entropy kernels are switched on (``MEGALODON_CE_KERNEL=1``;
-    off by default), they score the compute-dtype logits without a float32 copy (the same loss up to float32
+    Otherwise, where the fused cross-entropy kernels are switched on (by default on CUDA;
+    ``MEGALODON_CE_KERNEL=1`` / ``0`` forces), they score the compute-dtype logits without a float32 copy (the same loss up to float32
     rounding)."""
     chunked = 0 < loss_piece < inputs.shape[1] and hasattr(model, "features")
     head = None if chunked else _fused_loss_head(model, inputs)

@@ -34,3 +34,31 @@ def test_gpu_only_benchmarks_say_so_without_a_gpu(script):
         pytest.skip("a GPU is present: the script would run its measurements")
     r = run(script, timeout=120)
     assert r.returncode != 0 and "needs a GPU backend" in (r.stdout + r.stderr)
+
+
+def test_step_kernels_summarizes_an_ncu_table(tmp_path):
+    """benchmarks/step_kernels.py --summarize groups Nsight Compute's per-kernel times (the units row
+    and thousands separators as ncu writes them) and refuses a file without the table."""
+    csv_path = tmp_path / "step.csv"
+    csv_path.write_text('==PROF== Connected to process 1\n'
+                        '"ID","Kernel Name","gpu__time_duration.sum"\n"","","nsecond"\n'
+                        '"0","custom_kernel_mgk_cema_fwd_local_ab_float_16_1_0(const float *)","1,500,000"\n'
+                        '"1","custom_kernel_mgk_cema_bwd_final_ab(const float *)","500,000"\n'
+                        '"2","sm90_xmma_gemm_bf16bf16_bf16f32","3,000,000"\n'
+                        '"3","binary_add_float","250,000"\n')
+    out = tmp_path / "step.json"
+    r = run("benchmarks/step_kernels.py", "--summarize", str(csv_path), "--json", str(out), timeout=60)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    groups = {g["group"]: g for g in result["groups"]}
+    assert result["launches"] == 4 and abs(result["total_ms"] - 5.25) < 1e-9
+    assert abs(groups["CEMA scan"]["ms"] - 2.0) < 1e-9 and groups["CEMA scan"]["launches"] == 2
+    assert abs(groups["GEMM"]["ms"] - 3.0) < 1e-9 and [g["group"] for g in result["groups"]][0] == "GEMM"
+    assert "| GEMM | 3.0 | 57% | 1 |" in r.stdout
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("==ERROR== An error occurred while trying to profile.\n")
+    r = run("benchmarks/step_kernels.py", "--summarize", str(bad), timeout=60)
+    assert r.returncode != 0 and "no Nsight Compute CSV table" in r.stderr
+    r = run("benchmarks/step_kernels.py", "--seq-len", "0", timeout=60)
+    assert r.returncode != 0 and "--seq-len" in r.stderr

@@ -250,14 +250,14 @@ def test_kernels_off_means_ops_path(cpu_kernels, monkeypatch):
 
 
 def test_dispatch_policy(cpu_kernels, monkeypatch):
-    """Off by default on every backend; MEGALODON_CE_KERNEL forces it; unsupported inputs go to the
-    ops path."""
+    """On by default for CUDA only (measured there); MEGALODON_CE_KERNEL forces it; unsupported inputs
+    go to the ops path."""
     monkeypatch.delenv("MEGALODON_CE_KERNEL")
-    assert XK.CE_KERNEL_DEFAULT == {"cuda": False, "metal": False}   # off until measured on a GPU
+    assert XK.CE_KERNEL_DEFAULT == {"cuda": True, "metal": False}    # Metal: never measured
     assert not XK.ce_kernel_wanted((2, 8, 64), mx.bfloat16)            # PREFER_KERNEL is off
     monkeypatch.setattr(K, "gpu_backend", lambda: "cuda")
     XK.set_launcher(None)
-    assert XK._launcher.available() and not XK.ce_kernel_wanted((2, 8, 64), mx.bfloat16)
+    assert XK._launcher.available() and XK.ce_kernel_wanted((2, 8, 64), mx.bfloat16)
     monkeypatch.setattr(K, "gpu_backend", lambda: "metal")
     assert not XK.ce_kernel_wanted((2, 8, 64), mx.bfloat16)
     XK.set_launcher(XK.CpuLauncher())
