@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlx_megalodon.config import ModelArgs, preset  # noqa: E402
+from mlx_megalodon.cross_entropy_kernels import ce_kernel_wanted, fused_cross_entropy  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.moving_average_gated_attention import chunk_attention  # noqa: E402
 from mlx_megalodon.train import DTYPES, cast_params  # noqa: E402
@@ -91,11 +92,17 @@ def profile(args, seq_len, rows, dtype_name):
             self.embed, self.output = model.embed, model.output
 
         def __call__(self, toks, h):
-            e = self.embed(toks)
-            logits = self.output(h + e.astype(h.dtype), self.embed)
+            h = h + self.embed(toks).astype(h.dtype)
+            if use_ce_kernel:   # as train.loss_fn: compute-dtype logits into the fused kernels
+                features, _ = self.output.final_norm(h, None, None)
+                logits = features @ self.output.head_weight(self.embed).T
+                return fused_cross_entropy(logits, toks, validate=False).mean()
+            logits = self.output(h, self.embed)
             return nn.losses.cross_entropy(logits.astype(mx.float32), toks, reduction="mean")
 
     head = Head()
+    use_ce_kernel = ce_kernel_wanted((rows, seq_len, args.vocab_size), dtype)
+    out["loss_path"] = "fused cross-entropy kernel" if use_ce_kernel else "ops"
     piece("embed+head+loss", head, lambda t, h: head(t, h), tokens, x)
     n = args.num_layers
     est = n * out["layer"] + out["embed+head+loss"]
@@ -131,6 +138,23 @@ def main():
         results.append({"seq_len": L, "rows": rows, **r})
         if a.out:
             Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    if len(results) > 1:
+        print_ratios(results)
+
+
+def print_ratios(results):
+    """Each piece's time at every length against the first length's (same tokens per step): which
+    pieces make a long-sequence step slower or faster than the short one."""
+    first = results[0]
+    pieces = [k for k, v in first.items() if isinstance(v, float)]
+    names = [f"{r['rows']} x {r['seq_len']}" for r in results]
+    print("\n| piece (fwd+bwd ms) | " + " | ".join(names) + " | " +
+          " | ".join(f"{n} - {names[0]}" for n in names[1:]) + " |")
+    print("|---|" + "---|" * (2 * len(results) - 1))
+    for k in pieces:
+        cells = [f"{r[k]:.2f}" if k in r else "-" for r in results]
+        diffs = [f"{r[k] - first[k]:+.2f}" if k in r else "-" for r in results[1:]]
+        print(f"| {k} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
 
 
 if __name__ == "__main__":

@@ -62,3 +62,15 @@ def test_step_kernels_summarizes_an_ncu_table(tmp_path):
     assert r.returncode != 0 and "no Nsight Compute CSV table" in r.stderr
     r = run("benchmarks/step_kernels.py", "--seq-len", "0", timeout=60)
     assert r.returncode != 0 and "--seq-len" in r.stderr
+
+
+def test_train_profile_compares_lengths(tmp_path):
+    """benchmarks/train_profile.py times every piece at each length and prints the differences."""
+    out = tmp_path / "profile.json"
+    r = run("benchmarks/train_profile.py", "--tiny", "--layers", "1", "--seq-lens", "64,128",
+            "--tokens-per-step", "256", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [(x["rows"], x["seq_len"]) for x in results] == [(4, 64), (2, 128)]
+    assert all(x["cema"] > 0 and x["embed+head+loss"] > 0 and x["loss_path"] == "ops" for x in results)
+    assert "| piece (fwd+bwd ms) | 4 x 64 | 2 x 128 | 2 x 128 - 4 x 64 |" in r.stdout
