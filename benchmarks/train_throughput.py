@@ -23,6 +23,7 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
 import os
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlx_megalodon import kernels as cema_kernels  # noqa: E402
 from mlx_megalodon import moving_average_gated_attention as maga  # noqa: E402
-from mlx_megalodon.config import parameter_count, preset  # noqa: E402
+from mlx_megalodon.config import ModelArgs, parameter_count, preset  # noqa: E402
 from mlx_megalodon.data import Batch  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E402
@@ -84,6 +85,7 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mega200M")
+    p.add_argument("--tiny", action="store_true", help="the 2-layer, 128-dim config of peers.py --tiny (CPUs, tests)")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (smaller runs)")
     p.add_argument("--seq-lens", default="4096,32768")
     p.add_argument("--tokens-per-step", type=int, default=32768)
@@ -104,8 +106,14 @@ def main():
                    help="CEMA kernels: threads wanted per launch (default: the library's TARGET_THREADS)")
     p.add_argument("--cema-min-chunk", type=int, default=None,
                    help="CEMA kernels: shortest chunk (default: the library's MIN_CHUNK)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every (length, variant) this many times, the order reversed on every "
+                        "other round (A B B A ...), and summarize each over all its rounds: a GPU that "
+                        "slows as it heats up then weighs every case alike")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
     if a.causal_split_parts is not None:
         if a.causal_split_parts < 1:
             p.error("--causal-split-parts must be >= 1")
@@ -122,25 +130,64 @@ def main():
     if bad:
         p.error(f"--variants: unknown {', '.join(bad)} (known: {', '.join(VARIANTS)})")
     overrides = {} if a.layers is None else {"num_layers": a.layers}
-    args = preset(a.preset, **overrides)
-    meta = {"device": device_name(), "mlx": mx.__version__, "model": a.preset, "parameters": parameter_count(args),
+    if a.tiny:
+        from benchmarks.peers import TINY
+        args = ModelArgs.from_dict({**TINY, **overrides})
+    else:
+        args = preset(a.preset, **overrides)
+    meta = {"device": device_name(), "mlx": mx.__version__, "model": "tiny" if a.tiny else a.preset, "parameters": parameter_count(args),
             "dtype": a.dtype, "command": "python " + " ".join(sys.argv),
             "causal_split_parts": maga.CAUSAL_SPLIT_PARTS,
             "cema": {name: getattr(cema_kernels, name) for name in
                      ("FWD_MAX_NPT", "BWD_MAX_NPT", "TARGET_THREADS", "MIN_CHUNK")}}
     print(json.dumps(meta), flush=True)
-    rows_out = []
-    for L in (int(x) for x in a.seq_lens.split(",")):
-        rows = max(1, a.tokens_per_step // L)
-        for variant in variants:
+    cases = [(int(x), v) for x in a.seq_lens.split(",") for v in variants]
+    rows_out, summary = [], []
+    for rnd in range(a.rounds):
+        for L, variant in (cases if rnd % 2 == 0 else cases[::-1]):
+            rows = max(1, a.tokens_per_step // L)
+            before = gpu_state()
             r = measure(args, L, rows, a.steps, a.warmup, a.grad_checkpoint, not a.no_compile, a.dtype, variant,
                         a.packed_doc_len)
+            r.update({"round": rnd, "gpu_before": before, "gpu_after": gpu_state()})
             rows_out.append(r)
+            gpu = f"  GPU {r['gpu_after']}" if r["gpu_after"] else ""
             print(f"{variant:>11s} seq {L:>7,d} x {rows:>3d} rows: {r['tokens_per_s']:>10,.0f} tok/s  "
                   f"step {r['step_s']:.3f} s  first step {r['first_step_s']:.1f} s  "
-                  f"peak {r['peak_memory_gb']:.2f} GB  loss {r['loss']:.3f}", flush=True)
+                  f"peak {r['peak_memory_gb']:.2f} GB  loss {r['loss']:.3f}{gpu}", flush=True)
+            if a.rounds > 1:
+                summary = summarize_rounds(rows_out)
             if a.out:  # after every measurement, so a run cut short keeps what it measured
-                Path(a.out).write_text(json.dumps({"meta": meta, "results": rows_out}, indent=2) + "\n")
+                Path(a.out).write_text(json.dumps({"meta": meta, "results": rows_out, "summary": summary},
+                                                  indent=2) + "\n")
+    if a.rounds > 1:
+        print(f"\nover {a.rounds} rounds (median step of all timed steps):")
+        for r in summary:
+            print(f"{r['variant']:>11s} seq {r['seq_len']:>7,d}: {r['tokens_per_s']:>10,.0f} tok/s  "
+                  f"rounds {', '.join(f'{t:,.0f}' for t in r['tokens_per_s_by_round'])}")
+
+
+def summarize_rounds(rows_out):
+    """Per (variant, length): tokens/s from the median of every timed step of every round."""
+    out = []
+    for key in dict.fromkeys((r["variant"], r["seq_len"]) for r in rows_out):
+        mine = [r for r in rows_out if (r["variant"], r["seq_len"]) == key]
+        steps = [t for r in mine for t in r["step_s_all"]]
+        out.append({"variant": key[0], "seq_len": key[1], "step_s": float(np.median(steps)),
+                    "tokens_per_s": mine[0]["tokens_per_step"] / float(np.median(steps)),
+                    "tokens_per_s_by_round": [r["tokens_per_s"] for r in mine]})
+    return out
+
+
+def gpu_state() -> str:
+    """SM clock, temperature and power of GPU 0 from nvidia-smi, or '' where there is none: the
+    runs of one process get slower as the GPU heats up, and this shows by how much it throttled."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,temperature.gpu,power.draw",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
 
 
 if __name__ == "__main__":

@@ -74,3 +74,20 @@ def test_train_profile_compares_lengths(tmp_path):
     assert [(x["rows"], x["seq_len"]) for x in results] == [(4, 64), (2, 128)]
     assert all(x["cema"] > 0 and x["embed+head+loss"] > 0 and x["loss_path"] == "ops" for x in results)
     assert "| piece (fwd+bwd ms) | 4 x 64 | 2 x 128 | 2 x 128 - 4 x 64 |" in r.stdout
+
+
+def test_train_throughput_rounds_alternate_the_order(tmp_path):
+    """--rounds 2 measures A B then B A and summarizes each case over both rounds."""
+    out = tmp_path / "tt.json"
+    r = run("benchmarks/train_throughput.py", "--tiny", "--layers", "1", "--seq-lens", "64,128",
+            "--tokens-per-step", "256", "--steps", "2", "--warmup", "1", "--rounds", "2", "--no-compile",
+            "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert [(x["round"], x["seq_len"]) for x in result["results"]] == [(0, 64), (0, 128), (1, 128), (1, 64)]
+    summary = {x["seq_len"]: x for x in result["summary"]}
+    assert set(summary) == {64, 128} and all(len(x["tokens_per_s_by_round"]) == 2 for x in summary.values())
+    steps_64 = [t for x in result["results"] if x["seq_len"] == 64 for t in x["step_s_all"]]
+    assert abs(summary[64]["step_s"] - sorted(steps_64)[1:3][0] / 2 - sorted(steps_64)[1:3][1] / 2) < 1e-12
+    r = run("benchmarks/train_throughput.py", "--tiny", "--rounds", "0", timeout=60)
+    assert r.returncode != 0 and "--rounds" in r.stderr
