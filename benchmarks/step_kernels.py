@@ -112,9 +112,8 @@ def summarize(path: str, json_out: str | None):
 def cuda_profiler():
     """(start, stop) callables of the CUDA runtime's profiler API, from whichever libcudart loads."""
     candidates = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-    for pattern in ("/usr/local/cuda/lib64/libcudart.so*", f"{sys.prefix}/lib/python*/site-packages/**/libcudart.so*"):
-        candidates += sorted(glob.glob(pattern, recursive=True))
-    for site in sys.path:
+    candidates += sorted(glob.glob("/usr/local/cuda/lib64/libcudart.so*"))
+    for site in sys.path:  # site-packages included (wheels that bundle the runtime)
         candidates += sorted(glob.glob(f"{site}/**/libcudart.so*", recursive=True))
     for name in candidates:
         try:

@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlx_megalodon.config import ModelArgs, preset  # noqa: E402
-from mlx_megalodon.cross_entropy_kernels import ce_kernel_wanted, fused_cross_entropy  # noqa: E402
+from mlx_megalodon.cross_entropy_kernels import fused_cross_entropy  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.moving_average_gated_attention import chunk_attention  # noqa: E402
-from mlx_megalodon.train import DTYPES, cast_params  # noqa: E402
+from mlx_megalodon.train import DTYPES, _fused_loss_head, cast_params  # noqa: E402
 from benchmarks.long_context import device_name  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def profile(args, seq_len, rows, dtype_name):
             return nn.losses.cross_entropy(logits.astype(mx.float32), toks, reduction="mean")
 
     head = Head()
-    use_ce_kernel = ce_kernel_wanted((rows, seq_len, args.vocab_size), dtype)
+    use_ce_kernel = _fused_loss_head(model, tokens) is not None   # the training loss's own decision
     out["loss_path"] = "fused cross-entropy kernel" if use_ce_kernel else "ops"
     piece("embed+head+loss", head, lambda t, h: head(t, h), tokens, x)
     n = args.num_layers

@@ -42,17 +42,19 @@ from benchmarks.long_context import device_name  # noqa: E402
 
 
 VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel")
+# The kernel switches a variant forces (every other variant leaves them to the default dispatch).
+VARIANT_SWITCHES = {"tnorm": ("MEGALODON_TNORM_KERNEL", "1"), "no-tnorm": ("MEGALODON_TNORM_KERNEL", "0"),
+                    "ce-kernel": ("MEGALODON_CE_KERNEL", "1"), "no-ce-kernel": ("MEGALODON_CE_KERNEL", "0")}
 
 
 def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",
             packed_doc_len=0):
     os.environ["MEGALODON_KERNELS"] = "0" if variant == "ops" else "1"
-    os.environ.pop("MEGALODON_TNORM_KERNEL", None)
-    if variant in ("tnorm", "no-tnorm"):
-        os.environ["MEGALODON_TNORM_KERNEL"] = "1" if variant == "tnorm" else "0"
-    os.environ.pop("MEGALODON_CE_KERNEL", None)
-    if variant in ("ce-kernel", "no-ce-kernel"):
-        os.environ["MEGALODON_CE_KERNEL"] = "1" if variant == "ce-kernel" else "0"
+    for switch, _ in VARIANT_SWITCHES.values():
+        os.environ.pop(switch, None)
+    if variant in VARIANT_SWITCHES:
+        switch, value = VARIANT_SWITCHES[variant]
+        os.environ[switch] = value
     mx.random.seed(0)
     model = Model(args)
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype=dtype, grad_checkpoint=grad_checkpoint,
@@ -172,9 +174,9 @@ def summarize_rounds(rows_out):
     out = []
     for key in dict.fromkeys((r["variant"], r["seq_len"]) for r in rows_out):
         mine = [r for r in rows_out if (r["variant"], r["seq_len"]) == key]
-        steps = [t for r in mine for t in r["step_s_all"]]
-        out.append({"variant": key[0], "seq_len": key[1], "step_s": float(np.median(steps)),
-                    "tokens_per_s": mine[0]["tokens_per_step"] / float(np.median(steps)),
+        step = float(np.median([t for r in mine for t in r["step_s_all"]]))
+        out.append({"variant": key[0], "seq_len": key[1], "step_s": step,
+                    "tokens_per_s": mine[0]["tokens_per_step"] / step,
                     "tokens_per_s_by_round": [r["tokens_per_s"] for r in mine]})
     return out
 
