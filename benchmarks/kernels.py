@@ -34,10 +34,41 @@ T0 = time.time()
 COPY_CEILING_GBPS = 4300.0
 # The forward is bound by FP32 arithmetic, not bytes. Its roofline: the FP32 instructions the
 # algorithm needs (an FMA counts one; metal/cema_scan.body's header: 4 per step and state dim in
-# cema_fwd_local, 6 in cema_fwd_final) at the H200's FP32 issue rate, 132 SMs x 128 lanes x
-# 1.98 GHz (nvidia-smi's max SM clock on these machines).
+# cema_fwd_local, 6 in cema_fwd_final) at the FP32 issue rate, two ways:
+#   measured  the rate the FMA probe below sustains on this device (`fp32_roofline_pct`), like the
+#             copy ceiling for bytes: what the chip delivers under a full FP32 load;
+#   peak      132 SMs x 128 lanes x 1.98 GHz, nvidia-smi's max SM clock on the H200
+#             (`fp32_peak_pct`), which a long FP32-bound kernel may not hold.
 FWD_FP32_OPS_PER_STEP_AND_DIM = 4 + 6
 H200_FP32_INSTR_PER_S = 132 * 128 * 1.98e9
+
+# FMA probe: every thread runs FMA_CHAINS independent FMA chains (enough to cover the FMA latency),
+# FMA_UNROLL deep per loop trip so the loop's own counter and branch stay about 1% of the issue.
+FMA_CHAINS, FMA_UNROLL = 8, 32
+FMA_PROBE_BODY = """
+float a[FMA_CHAINS];
+MGK_UNROLL_ALL
+for (int k = 0; k < FMA_CHAINS; ++k) {
+  a[k] = 1.0f + 1e-3f * (float)((tid + (unsigned int)k) & 7u);
+}
+const float m = mul[0];
+const float s = add[0];
+const int trips = params[0];
+for (int r = 0; r < trips; ++r) {
+  MGK_UNROLL_ALL
+  for (int u = 0; u < FMA_UNROLL; ++u) {
+    MGK_UNROLL_ALL
+    for (int k = 0; k < FMA_CHAINS; ++k) {
+      a[k] = MGK_FMA(a[k], m, s);
+    }
+  }
+}
+float total = 0.0f;
+for (int k = 0; k < FMA_CHAINS; ++k) {
+  total += a[k];
+}
+out[tid] = total;
+"""
 
 
 def coeffs(D: int) -> CEMACoefficients:
@@ -74,6 +105,60 @@ def copy_bandwidth():
     mx.eval(a)
     t = timeit(lambda v: v * 1.0, [a])
     return 2 * a.nbytes / t
+
+
+def fp32_fma_rate(threads: int = 132 * 2048 * 4, trips: int = 2000):
+    """FMA instructions per second that the FMA probe sustains on the GPU (same prelude and launch
+    width as the scan kernels), and the SM clocks nvidia-smi saw meanwhile."""
+    backend = K.gpu_backend()
+    prelude = K._sections(K._read(f"prelude_{backend}.h"))
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    header = prelude[""] + f"\n#define FMA_CHAINS {FMA_CHAINS}\n#define FMA_UNROLL {FMA_UNROLL}\n"
+    probe = make(name="mgk_fma_probe", input_names=["mul", "add", "params"], output_names=["out"],
+                 source=prelude["entry"] + FMA_PROBE_BODY, header=header)
+    args = [mx.array([0.999], dtype=mx.float32), mx.array([1e-3], dtype=mx.float32),
+            mx.array([trips], dtype=mx.int32)]
+    mx.eval(args)
+    run = lambda _: probe(inputs=args, grid=(threads, 1, 1), threadgroup=(256, 1, 1),
+                          output_shapes=[(threads,)], output_dtypes=[mx.float32])[0]
+    with ClockSampler() as clocks:
+        t = timeit(run, [None], min_time=1.0)
+    return threads * trips * FMA_UNROLL * FMA_CHAINS / t, clocks.summary()
+
+
+class ClockSampler:
+    """Polls nvidia-smi's SM clock (MHz) in a thread while the block runs; summary() is
+    {min, median, max} of the samples, or {} where nvidia-smi is missing (a Mac)."""
+
+    def __init__(self, period_s: float = 0.1):
+        self.period_s, self.samples = period_s, []
+
+    def _poll(self):
+        import subprocess
+        while not self._stop.wait(self.period_s):
+            try:
+                r = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True, timeout=5)
+                self.samples.append(float(r.stdout.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return
+
+    def __enter__(self):
+        import threading
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self):
+        if not self.samples:
+            return {}
+        return dict(min=min(self.samples), median=statistics.median(self.samples), max=max(self.samples),
+                    samples=len(self.samples))
 
 
 def inputs_for(D, L, count):
@@ -151,7 +236,7 @@ def table_sizes(args):
     return sizes
 
 
-def run_phase(phase, args, results, ceiling):
+def run_phase(phase, args, results, ceiling, fma_rate=None):
     fwd_target, bwd_target = K.TARGET_THREADS, K.TARGET_THREADS
     if "best_fwd" in results:
         fwd_target, bwd_target = results["best_fwd"]["target"], results["best_bwd"]["target"]
@@ -169,12 +254,18 @@ def run_phase(phase, args, results, ceiling):
         try:
             if phase == "kernel":
                 K.TARGET_THREADS = fwd_target
-                row["kernel_ms"] = timeit(kernel_fwd(c), xs) * 1e3
+                with ClockSampler() as clocks:
+                    row["kernel_ms"] = timeit(kernel_fwd(c), xs, min_time=1.0 if L * D >= (1 << 28) else 0.2) * 1e3
+                if clocks.samples:
+                    row["sm_clock_mhz"] = clocks.summary()
                 row["kernel_GBps"] = bytes_moved / row["kernel_ms"] / 1e6
                 row["roofline_pct"] = 100 * row["kernel_GBps"] / COPY_CEILING_GBPS
                 row["pct_of_mlx_copy"] = 100 * row["kernel_GBps"] * 1e9 / ceiling
                 ideal_s = L * D * N * FWD_FP32_OPS_PER_STEP_AND_DIM / H200_FP32_INSTR_PER_S
-                row["fp32_roofline_pct"] = 100 * ideal_s / (row["kernel_ms"] / 1e3)
+                row["fp32_peak_pct"] = 100 * ideal_s / (row["kernel_ms"] / 1e3)
+                if fma_rate:
+                    ideal_measured_s = L * D * N * FWD_FP32_OPS_PER_STEP_AND_DIM / fma_rate
+                    row["fp32_roofline_pct"] = 100 * ideal_measured_s / (row["kernel_ms"] / 1e3)
                 if L * D <= (1 << 28):
                     K.TARGET_THREADS = bwd_target
                     row["kernel_fwd_bwd_ms"] = timeit(grad_fn(K.cema_kernel_scan, c), xs, max_reps=10) * 1e3
@@ -278,11 +369,18 @@ def main():
     results["copy_GBps"] = ceiling / 1e9
     print(f"[{args.phase}] device {results['device']} ({results.get('gpu', '?')}); "
           f"MLX copy {ceiling / 1e9:.0f} GB/s (read+write)", flush=True)
+    fma_rate = None
+    if args.phase == "kernel" and not args.cpu_emulation:
+        fma_rate, probe_clocks = fp32_fma_rate()
+        results["fp32_fma_per_s"], results["fp32_probe_sm_clock_mhz"] = fma_rate, probe_clocks
+        print(f"[kernel] FMA probe: {fma_rate:.3e} FP32 instructions/s ({2 * fma_rate / 1e12:.1f} TFLOP/s), "
+              f"{100 * fma_rate / H200_FP32_INSTR_PER_S:.1f}% of 132 x 128 x 1.98 GHz; SM clock {probe_clocks}",
+              flush=True)
     save = lambda: (out / f"kernels_bench_{args.phase}.json").write_text(json.dumps(results, indent=1))
     if args.sweep and args.phase == "kernel":
         sweep(args, results)
         save()
-    run_phase(args.phase, args, results, ceiling)
+    run_phase(args.phase, args, results, ceiling, fma_rate)
     save()
     if args.phase == "fft" and not args.cpu_emulation and table_sizes(args)[0] == (1024, 65536):
         # Is the kernel-vs-FFT difference the FFT path's TF32 matmuls? Same row with TF32 off.
@@ -329,14 +427,14 @@ def sweep(args, results):
 
 def print_table(results):
     ceiling = results.get("copy_GBps", float("nan"))
-    print("\n| D | L | kernel ms | GB/s | % of 4.3 TB/s | % of FP32 roofline | FFT ms | speed-up | torch_ref ms | "
-          "kernel fwd+bwd ms | FFT fwd+bwd ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| D | L | kernel ms | GB/s | % of 4.3 TB/s | % of measured FP32 roofline | % of FP32 peak at 1.98 GHz | "
+          "FFT ms | speed-up | torch_ref ms | kernel fwd+bwd ms | FFT fwd+bwd ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda r, k, fmt="{:.3f}": fmt.format(r[k]) if k in r else "-"
     for r in results["rows"]:
         sp = f"{r['fft_ms'] / r['kernel_ms']:.1f}x" if "fft_ms" in r and "kernel_ms" in r else "-"
         print(f"| {r['D']} | {r['L']} | {f(r, 'kernel_ms')} | {f(r, 'kernel_GBps', '{:.0f}')} | "
-              f"{f(r, 'roofline_pct', '{:.0f}')} | {f(r, 'fp32_roofline_pct', '{:.0f}')} | {f(r, 'fft_ms')} | {sp} | {f(r, 'torch_ref_ms')} | "
+              f"{f(r, 'roofline_pct', '{:.0f}')} | {f(r, 'fp32_roofline_pct', '{:.1f}')} | {f(r, 'fp32_peak_pct', '{:.1f}')} | {f(r, 'fft_ms')} | {sp} | {f(r, 'torch_ref_ms')} | "
               f"{f(r, 'kernel_fwd_bwd_ms')} | {f(r, 'fft_fwd_bwd_ms')} |")
     for r in results.get("decode", []):
         print(f"decode D={r['D']} L=1: kernel {r['kernel_ms']:.3f} ms, ops recurrence {r['recurrence_ms']:.3f} ms")

@@ -45,15 +45,17 @@ def source_dir() -> Path:
 
 
 # name -> (inputs, outputs, template parameters). An argument is (name, type) with type "T" (the
-# dtype of x), "float" or "int"; template parameters are ("T" | "NPT" | "NSPLIT" | "RESET" | "GHT0").
+# dtype of x), "float" or "int"; template parameters are ("T" | "NPT" | "NSPLIT" | "RESET" | "GHT0" |
+# "DSTRIDE").
 # CEMA: `starts` (B x L document starts) is read only when RESET = 1 (packed rows). GHT0 = 1
 # (backward): the final-state cotangent is zero, the cheaper gamma-free scan (see the body).
+# DSTRIDE (forward scans): D compiled in (GPU launches), or 0 to read it at run time.
 KERNELS: Dict[str, Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...], Tuple[str, ...]]] = {
     "cema_fwd_local": (
         (("x", "T"), ("p", "float"), ("log_mag", "float"), ("phase", "float"), ("starts", "int"),
          ("params", "int")),
         (("loc", "float"),),
-        ("T", "NPT", "NSPLIT", "RESET"),
+        ("T", "NPT", "NSPLIT", "RESET", "DSTRIDE"),
     ),
     "cema_fwd_combine": (
         (("loc", "float"), ("h0_re", "float"), ("h0_im", "float"), ("log_mag", "float"), ("phase", "float"),
@@ -66,7 +68,7 @@ KERNELS: Dict[str, Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...
          ("gamma_im", "float"), ("omega", "float"), ("h0_re", "float"), ("h0_im", "float"), ("h_in", "float"),
          ("starts", "int"), ("params", "int")),
         (("y", "float"), ("h_out_re", "float"), ("h_out_im", "float")),
-        ("T", "NPT", "NSPLIT", "RESET"),
+        ("T", "NPT", "NSPLIT", "RESET", "DSTRIDE"),
     ),
     "cema_bwd_local": (
         (("gy", "float"), ("log_mag", "float"), ("phase", "float"), ("gamma_re", "float"),
@@ -211,14 +213,16 @@ def generate_cuda_source(body: str, kernels: Dict[str, Signature],
     return "".join(parts)
 
 
-# Instantiations written into the generated CEMA files (dtype, NPT, NSPLIT, RESET), each backward
-# kernel with GHT0 = 0 and 1 (the forward kernels have no GHT0: duplicates are dropped).
-_GEN_CONFIGS = (("float", 16, 1, 0), ("float", 4, 4, 0), ("bfloat16_t", 8, 2, 0), ("half", 4, 4, 0),
-                ("float", 16, 1, 1), ("bfloat16_t", 8, 2, 1))
+# Instantiations written into the generated CEMA files (dtype, NPT, NSPLIT, RESET, DSTRIDE), each
+# backward kernel with GHT0 = 0 and 1 (the forward kernels have no GHT0, the backward ones no
+# DSTRIDE: duplicates are dropped).
+_GEN_CONFIGS = (("float", 16, 1, 0, 1024), ("float", 16, 1, 0, 0), ("float", 4, 4, 0, 0), ("bfloat16_t", 8, 2, 0, 0),
+                ("half", 4, 4, 0, 0), ("float", 16, 1, 1, 0), ("bfloat16_t", 8, 2, 1, 0))
 
 
 def _instances(kernel: str) -> List[Dict[str, object]]:
-    return [dict(T=dt, NPT=npt, NSPLIT=ns, RESET=rs, GHT0=g0) for dt, npt, ns, rs in _GEN_CONFIGS for g0 in (0, 1)]
+    return [dict(T=dt, NPT=npt, NSPLIT=ns, RESET=rs, DSTRIDE=ds, GHT0=g0)
+            for dt, npt, ns, rs, ds in _GEN_CONFIGS for g0 in (0, 1)]
 
 
 def generate_metal() -> str:
@@ -248,10 +252,10 @@ def generate_cpu_source(kernels: Dict[str, Signature], values: Dict[str, object]
     return "".join(parts)
 
 
-def generate_cpu(npt: int, reset: int = 0, ght0: int = 0) -> str:
+def generate_cpu(npt: int, reset: int = 0, ght0: int = 0, dstride: int = 0) -> str:
     """The CEMA kernels for the CPU emulation (T = float, NPT = npt, NSPLIT = 1, RESET = reset,
-    GHT0 = ght0)."""
-    return generate_cpu_source(KERNELS, dict(T="float", NPT=npt, NSPLIT=1, RESET=reset, GHT0=ght0))
+    GHT0 = ght0, DSTRIDE = dstride)."""
+    return generate_cpu_source(KERNELS, dict(T="float", NPT=npt, NSPLIT=1, RESET=reset, GHT0=ght0, DSTRIDE=dstride))
 
 
 def write_generated(directory: Optional[Path] = None) -> List[Path]:
@@ -307,6 +311,7 @@ def gpu_backend() -> Optional[str]:
 class GpuLauncher:
     """Builds each kernel on first use (never at import) and launches it on the default GPU stream."""
     max_split = 32
+    compile_time_stride = True   # the forward scans get D compiled in (DSTRIDE): one build per D
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -341,21 +346,24 @@ class CpuLauncher:
     so an element no thread writes shows up."""
     max_split = 1
 
-    def __init__(self, workdir: Optional[str] = None):
+    def __init__(self, workdir: Optional[str] = None, compile_time_stride: bool = False):
         self.workdir = workdir or tempfile.mkdtemp(prefix="mgk_cpu_")
-        self._libs: Dict[Tuple[int, int, int], ctypes.CDLL] = {}
+        # False: one library serves every D (DSTRIDE = 0); True: the GPU launches' D-specific build
+        self.compile_time_stride = compile_time_stride
+        self._libs: Dict[Tuple[int, int, int, int], ctypes.CDLL] = {}
 
-    def _lib(self, npt: int, reset: int = 0, ght0: int = 0) -> ctypes.CDLL:
-        key = (npt, reset, ght0)
+    def _lib(self, npt: int, reset: int = 0, ght0: int = 0, dstride: int = 0) -> ctypes.CDLL:
+        key = (npt, reset, ght0, dstride)
         lib = self._libs.get(key)
         if lib is None:
-            lib = self._libs[key] = compile_cpu_library(generate_cpu(*key), self.workdir, "mgk_{}_{}_{}".format(*key))
+            lib = self._libs[key] = compile_cpu_library(generate_cpu(*key), self.workdir,
+                                                        "mgk_{}_{}_{}_{}".format(*key))
         return lib
 
     def __call__(self, name, inputs, templates, threads, output_shapes, output_dtypes):
         t = dict(templates)
         assert t["NSPLIT"] == 1
-        fn = getattr(self._lib(t["NPT"], t.get("RESET", 0), t.get("GHT0", 0)), f"run_{name}")
+        fn = getattr(self._lib(t["NPT"], t.get("RESET", 0), t.get("GHT0", 0), t.get("DSTRIDE", 0)), f"run_{name}")
         return call_cpu_kernel(fn, KERNELS[name][0], inputs, threads, output_shapes, output_dtypes)
 
 
@@ -505,7 +513,8 @@ def _forward(x, p, log_mag, phase, gamma_re, gamma_im, omega, h0_re, h0_im, star
     params = _params(B, L, D, C, NC, LAST)
     reset = int(starts is not None)
     starts = starts if reset else _dummy(mx.int32)
-    tx = [("T", x.dtype), ("NPT", N // s), ("NSPLIT", s), ("RESET", reset)]
+    dstride = D if getattr(launch, "compile_time_stride", False) else 0
+    tx = [("T", x.dtype), ("NPT", N // s), ("NSPLIT", s), ("RESET", reset), ("DSTRIDE", dstride)]
     h_in = _dummy()
     if NC > 1:
         loc, = launch("cema_fwd_local", [x, p, log_mag, phase, starts, params], tx, B * (NC - 1) * D * s,

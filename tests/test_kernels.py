@@ -199,6 +199,38 @@ def test_cpu_emulated_kernels_match_ops(cpu_kernels, monkeypatch, L, chunk):
         assert rel(a, b) < 2e-5, name
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_cpu_emulated_compile_time_stride_is_the_same_scan(tmp_path, monkeypatch, reset):
+    """GPU launches compile D into the forward scans (DSTRIDE = D: the block's x / y addresses
+    become immediate offsets). Same chunks, same arithmetic: y and the final state are bit-identical
+    to the runtime-stride build, across 16-step blocks, a short block tail and a short last chunk,
+    with and without document resets."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    monkeypatch.setenv("MEGALODON_KERNELS", "1")
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", 40)   # 2 blocks of 16 + 8 steps; last chunk 20
+    x, coeffs, h0, _ = make_case(2, 100, 5, 4, seed=11)
+    c = CEMACoefficients(*(mx.array(a) for a in coeffs))
+    extra = {"doc_starts": mx.array(starts_from_lengths([[30, 70], [55, 45]]))} if reset else {}
+    state = None if reset else (mx.array(h0[0]), mx.array(h0[1]))
+    outs = []
+    for fixed in (False, True):
+        (tmp_path / str(fixed)).mkdir()
+        launcher = K.CpuLauncher(str(tmp_path / str(fixed)), compile_time_stride=fixed)
+        K.set_launcher(launcher)
+        try:
+            y, (hr, hi) = K.cema_kernel_scan(mx.array(x), c, state, True, **extra)
+            outs.append([np.array(a) for a in (y, hr, hi)])
+        finally:
+            K.set_launcher(None)
+        assert (5 in {k[3] for k in launcher._libs}) == fixed   # a build with DSTRIDE = D ran
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
+    ry = cema_recurrence(mx.array(x), c, state)[0] if not reset else None
+    if ry is not None:
+        assert rel(outs[1][0], np.array(ry)) < 1e-5
+
+
 @pytest.mark.parametrize("layout,chunk", PACKED_LAYOUTS)
 def test_cpu_emulated_reset_kernels_match_per_document_and_segmented(cpu_kernels, monkeypatch, layout, chunk):
     monkeypatch.setattr(K, "CHUNK_OVERRIDE", chunk)
