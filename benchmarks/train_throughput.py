@@ -19,12 +19,16 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
                the loss reads the bf16 logits, no float32 copy (the CUDA default)
   no-ce-kernel default dispatch with the fused cross-entropy kernels forced off (MEGALODON_CE_KERNEL=0)
 ``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
+``--fresh-process`` runs every measurement in a process of its own (same options): on the H200 the
+later measurements of one process ran 1-7% slower than its first, at an unchanged SM clock
+(BENCHMARKS.md, sixth session), and a fresh process gives each case the same start.
 """
 import os
 import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,13 +82,13 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     out = {"variant": variant, "seq_len": seq_len, "rows": rows, "tokens_per_step": rows * seq_len, "step_s": t,
            "step_s_all": times[warmup:], "first_step_s": times[0], "tokens_per_s": rows * seq_len / t,
            "peak_memory_gb": mx.get_peak_memory() / 1e9, "loss": float(loss.item()),
-           "grad_checkpoint": grad_checkpoint, "packed_doc_len": packed_doc_len}
+           "grad_checkpoint": grad_checkpoint, "packed_doc_len": packed_doc_len, "pid": os.getpid()}
     del trainer, model
     mx.clear_cache()
     return out
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mega200M")
     p.add_argument("--tiny", action="store_true", help="the 2-layer, 128-dim config of peers.py --tiny (CPUs, tests)")
@@ -112,10 +116,19 @@ def main():
                    help="measure every (length, variant) this many times, the order reversed on every "
                         "other round (A B B A ...), and summarize each over all its rounds: a GPU that "
                         "slows as it heats up then weighs every case alike")
+    p.add_argument("--fresh-process", action="store_true",
+                   help="run every measurement in a new process (same options), not one after another in this one")
     p.add_argument("--out", default=None)
+    return p
+
+
+def main():
+    p = build_parser()
     a = p.parse_args()
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
+    if a.packed_doc_len < 0:
+        p.error("--packed-doc-len must be >= 0")
     if a.causal_split_parts is not None:
         if a.causal_split_parts < 1:
             p.error("--causal-split-parts must be >= 1")
@@ -142,6 +155,7 @@ def main():
             "causal_split_parts": maga.CAUSAL_SPLIT_PARTS,
             "cema": {name: getattr(cema_kernels, name) for name in
                      ("FWD_MAX_NPT", "BWD_MAX_NPT", "TARGET_THREADS", "MIN_CHUNK")}}
+    meta["fresh_process"], meta["pid"] = a.fresh_process, os.getpid()
     print(json.dumps(meta), flush=True)
     cases = [(int(x), v) for x in a.seq_lens.split(",") for v in variants]
     rows_out, summary = [], []
@@ -149,8 +163,11 @@ def main():
         for L, variant in (cases if rnd % 2 == 0 else cases[::-1]):
             rows = max(1, a.tokens_per_step // L)
             before = gpu_state()
-            r = measure(args, L, rows, a.steps, a.warmup, a.grad_checkpoint, not a.no_compile, a.dtype, variant,
-                        a.packed_doc_len)
+            if a.fresh_process:
+                r = measure_in_child(p, a, L, variant)
+            else:
+                r = measure(args, L, rows, a.steps, a.warmup, a.grad_checkpoint, not a.no_compile, a.dtype, variant,
+                            a.packed_doc_len)
             r.update({"round": rnd, "gpu_before": before, "gpu_after": gpu_state()})
             rows_out.append(r)
             gpu = f"  GPU {r['gpu_after']}" if r["gpu_after"] else ""
@@ -167,6 +184,29 @@ def main():
         for r in summary:
             print(f"{r['variant']:>11s} seq {r['seq_len']:>7,d}: {r['tokens_per_s']:>10,.0f} tok/s  "
                   f"rounds {', '.join(f'{t:,.0f}' for t in r['tokens_per_s_by_round'])}")
+
+
+# Options a child process of --fresh-process does not inherit: the parent picks its one case.
+_PER_CASE = {"seq_lens", "variants", "rounds", "fresh_process", "out", "help"}
+
+
+def measure_in_child(parser, a, seq_len, variant):
+    """One measurement in a new process with this run's options; its result row."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--seq-lens", str(seq_len), "--variants", variant]
+    for action in parser._actions:
+        if action.dest in _PER_CASE or not action.option_strings:
+            continue
+        value = getattr(a, action.dest)
+        if value == action.default:
+            continue
+        argv += [action.option_strings[-1]] if value is True else [action.option_strings[-1], str(value)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        r = subprocess.run(argv + ["--out", str(out)], capture_output=True, text=True)
+        if r.returncode != 0 or not out.exists():
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise SystemExit(f"train_throughput: the process for seq {seq_len} / {variant} failed: {tail[0]}")
+        return json.loads(out.read_text())["results"][0]
 
 
 def summarize_rounds(rows_out):

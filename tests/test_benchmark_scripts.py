@@ -91,3 +91,29 @@ def test_train_throughput_rounds_alternate_the_order(tmp_path):
     assert abs(summary[64]["step_s"] - sorted(steps_64)[1:3][0] / 2 - sorted(steps_64)[1:3][1] / 2) < 1e-12
     r = run("benchmarks/train_throughput.py", "--tiny", "--rounds", "0", timeout=60)
     assert r.returncode != 0 and "--rounds" in r.stderr
+
+
+def test_train_throughput_fresh_process_runs_each_case_alone(tmp_path):
+    """--fresh-process: every measurement in a process of its own, with this run's options, in the
+    same A B B A order; a failing case is one clear error."""
+    out = tmp_path / "tt.json"
+    r = run("benchmarks/train_throughput.py", "--tiny", "--layers", "1", "--seq-lens", "64,128",
+            "--tokens-per-step", "256", "--steps", "1", "--warmup", "0", "--rounds", "2", "--no-compile",
+            "--fresh-process", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert [(x["round"], x["seq_len"]) for x in rows] == [(0, 64), (0, 128), (1, 128), (1, 64)]
+    pids = {x["pid"] for x in rows}
+    assert len(pids) == 4 and result["meta"]["pid"] not in pids
+    assert all(x["rows"] * x["seq_len"] == 256 and len(x["step_s_all"]) == 1 for x in rows)  # options passed on
+    # A case whose process fails: one line naming the case and the child's own error. (The parent
+    # would refuse this option itself; handing it over unchecked makes the child fail.)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_throughput as tt
+    parser = tt.build_parser()
+    bad = parser.parse_args(["--tiny", "--steps", "1", "--warmup", "0", "--causal-split-parts", "0"])
+    with pytest.raises(SystemExit, match=r"seq 64 / kernels failed: .*--causal-split-parts must be >= 1"):
+        tt.measure_in_child(parser, bad, 64, "kernels")
+    r = run("benchmarks/train_throughput.py", "--tiny", "--packed-doc-len", "-5", timeout=60)
+    assert r.returncode != 0 and "--packed-doc-len" in r.stderr
