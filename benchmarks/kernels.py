@@ -4,10 +4,13 @@
     python benchmarks/kernels.py --only attention [--out DIR] [--budget SECONDS]   (chunk attention)
 
 Batch 1, N = 16, float32 x. For each (D, L): median time per call of the forward (and, for some
-sizes, forward+backward through mx.grad), and the achieved bandwidth counting only the bytes a
-scan must move (read x, write y: 8 bytes per element), against a measured device-to-device copy
-(the roofline). First a sweep of the work split (threads in flight, state dims per thread) picks
-the settings used for the table. Results: a table on stdout and JSON in --out.
+sizes, forward+backward through mx.grad); the achieved bandwidth counting only the bytes a scan
+must move (read x, write y: 8 bytes per element) against a measured device-to-device copy; and,
+since the scan is bound by FP32 arithmetic, the share of the FP32 issue rate its instructions need,
+against the rate an FMA probe sustains on the same GPU (the measured ceiling) and against the
+clock-rate peak, with the SM clock sampled meanwhile. With --sweep, a sweep of the work split
+(threads in flight, state dims per thread) first picks the settings used for the table. Results: a
+table on stdout and JSON in --out.
 """
 from __future__ import annotations
 
