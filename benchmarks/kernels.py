@@ -264,11 +264,10 @@ def run_phase(phase, args, results, ceiling, fma_rate=None):
                 row["kernel_GBps"] = bytes_moved / row["kernel_ms"] / 1e6
                 row["roofline_pct"] = 100 * row["kernel_GBps"] / COPY_CEILING_GBPS
                 row["pct_of_mlx_copy"] = 100 * row["kernel_GBps"] * 1e9 / ceiling
-                ideal_s = L * D * N * FWD_FP32_OPS_PER_STEP_AND_DIM / H200_FP32_INSTR_PER_S
-                row["fp32_peak_pct"] = 100 * ideal_s / (row["kernel_ms"] / 1e3)
+                instr_per_s = L * D * N * FWD_FP32_OPS_PER_STEP_AND_DIM / (row["kernel_ms"] / 1e3)
+                row["fp32_peak_pct"] = 100 * instr_per_s / H200_FP32_INSTR_PER_S
                 if fma_rate:
-                    ideal_measured_s = L * D * N * FWD_FP32_OPS_PER_STEP_AND_DIM / fma_rate
-                    row["fp32_roofline_pct"] = 100 * ideal_measured_s / (row["kernel_ms"] / 1e3)
+                    row["fp32_roofline_pct"] = 100 * instr_per_s / fma_rate
                 if L * D <= (1 << 28):
                     K.TARGET_THREADS = bwd_target
                     row["kernel_fwd_bwd_ms"] = timeit(grad_fn(K.cema_kernel_scan, c), xs, max_reps=10) * 1e3
@@ -372,7 +371,7 @@ def main():
     results["copy_GBps"] = ceiling / 1e9
     print(f"[{args.phase}] device {results['device']} ({results.get('gpu', '?')}); "
           f"MLX copy {ceiling / 1e9:.0f} GB/s (read+write)", flush=True)
-    fma_rate = None
+    fma_rate = probe_clocks = None
     if args.phase == "kernel" and not args.cpu_emulation:
         try:
             fma_rate, probe_clocks = fp32_fma_rate()

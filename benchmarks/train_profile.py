@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlx_megalodon.config import ModelArgs, preset  # noqa: E402
-from mlx_megalodon.cross_entropy_kernels import fused_cross_entropy  # noqa: E402
+from mlx_megalodon.cross_entropy_kernels import cross_entropy_kernel, cross_entropy_ops  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.moving_average_gated_attention import chunk_attention  # noqa: E402
 from mlx_megalodon.train import DTYPES, _fused_loss_head, cast_params  # noqa: E402
@@ -96,9 +96,8 @@ def profile(args, seq_len, rows, dtype_name):
             if use_ce_kernel:   # as train.loss_fn: compute-dtype logits into the fused kernels
                 features, _ = self.output.final_norm(h, None, None)
                 logits = features @ self.output.head_weight(self.embed).T
-                return fused_cross_entropy(logits, toks, validate=False).mean()
-            logits = self.output(h, self.embed)
-            return nn.losses.cross_entropy(logits.astype(mx.float32), toks, reduction="mean")
+                return cross_entropy_kernel(logits, toks, validate=False).mean()
+            return cross_entropy_ops(self.output(h, self.embed), toks).mean()
 
     head = Head()
     use_ce_kernel = _fused_loss_head(model, tokens) is not None   # the training loss's own decision

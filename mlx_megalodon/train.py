@@ -49,7 +49,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from . import distributed as dist
 from .config import ConfigError, ModelArgs, PRESETS, is_full_precision_key, parameter_count
-from .cross_entropy_kernels import ce_kernel_wanted, fused_cross_entropy
+from .cross_entropy_kernels import ce_kernel_wanted, cross_entropy_kernel, cross_entropy_ops
 from .data import Batch, BatchIterator, DataError, PackedDataset, iterate_batches
 
 PROG = "megalodon-train"
@@ -168,8 +168,7 @@ def _chunked_cross_entropy(model, inputs, targets, segment_ids, piece: int) -> m
     weight = model.output.head_weight(model.embed)
 
     def piece_ce(ts):  # targets are closed over: integer inputs of a checkpoint would need a VJP
-        return mx.checkpoint(lambda w, xs: nn.losses.cross_entropy((xs @ w.T).astype(mx.float32), ts,
-                                                                  reduction="none"))
+        return mx.checkpoint(lambda w, xs: cross_entropy_ops(xs @ w.T, ts))
 
     L = inputs.shape[1]
     return mx.concatenate([piece_ce(targets[:, s:s + piece])(weight, x[:, s:s + piece])
@@ -178,8 +177,8 @@ def _chunked_cross_entropy(model, inputs, targets, segment_ids, piece: int) -> m
 
 def _fused_loss_head(model, inputs: mx.array) -> Optional[mx.array]:
     """The output projection's vocab x model_dim weight when the loss should take the fused
-    cross-entropy kernels (mlx_megalodon/cross_entropy_kernels.py: off unless switched on) and the
-    head is a plain matrix (nn.Linear without bias, or the shared nn.Embedding: not quantized, no
+    cross-entropy kernels (``ce_kernel_wanted``: on by default for CUDA) and the head is a plain
+    matrix (nn.Linear without bias, or the shared nn.Embedding: not quantized, no
     adapter), else None."""
     if not hasattr(model, "features"):
         return None
@@ -212,10 +211,9 @@ def loss_fn(model, inputs: mx.array, targets: mx.array, mask: Optional[mx.array]
         # inside mx.compile, so the targets are not validated here (the data pipeline's token ids
         # are in the vocabulary; an out-of-range one gives a NaN loss, never an out-of-bounds read).
         logits = model.features(inputs, segment_ids) @ head.T
-        ce = fused_cross_entropy(logits, targets, validate=False)
+        ce = cross_entropy_kernel(logits, targets, validate=False)   # _fused_loss_head decided
     else:
-        logits = model(inputs, segment_ids=segment_ids)
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+        ce = cross_entropy_ops(model(inputs, segment_ids=segment_ids), targets)
     if mask is None:
         ntoks = mx.array(ce.size, dtype=mx.float32)
         return ce.mean(), ntoks
