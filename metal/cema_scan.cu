@@ -302,7 +302,7 @@ template __global__ void cema_fwd_combine<16, 1, 1>(const float*, const float*, 
 template __global__ void cema_fwd_combine<8, 2, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
 
 // ---- kernel cema_fwd_final
-template <typename T, int NPT, int NSPLIT, int RESET, int DSTRIDE>
+template <typename T, typename TY, int NPT, int NSPLIT, int RESET, int DSTRIDE>
 __global__ void cema_fwd_final(
     const T* x,
     const float* p,
@@ -316,14 +316,14 @@ __global__ void cema_fwd_final(
     const float* h_in,
     const int* starts,
     const int* params,
-    float* y,
+    TY* y,
     float* h_out_re,
     float* h_out_im) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
 // inputs: x (T, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N), omega (D),
 //         h0_re, h0_im (B x D x N), h_in (B x (NC-1) x 2 x N x D; chunk 0 starts from h0),
 //         starts (B x L), params
-// outputs: y (float32, B x L x D), h_out_re, h_out_im (B x D x N)
+// outputs: y (TY, B x L x D), h_out_re, h_out_im (B x D x N)
 // The loop carries g = h / ps with ps = p (see below): g_t = q g_{t-1} + x_t needs no p x product
 // (6 instead of 7 FP32 instructions per (t, n)); y_t = Re sum (gamma ps) g_t + omega x_t, and the
 // final state is ps g. ps is p with its magnitude floored at 1e-30 (sign kept; NaN kept, so a NaN p
@@ -430,7 +430,7 @@ for (; j + MGK_UNROLL_FWD <= len; j += MGK_UNROLL_FWD) {
     }
     acc = mgk_group_sum<NSPLIT>(acc + acc1);
     if (split == 0) {
-      y[here + (mgk_idx)u * step] = MGK_FMA(om, xs[u], acc);
+      y[here + (mgk_idx)u * step] = mgk_cast<TY>(MGK_FMA(om, xs[u], acc));
     }
   }
 }
@@ -456,7 +456,7 @@ for (; j < len; ++j) {
   }
   acc = mgk_group_sum<NSPLIT>(acc + acc1);
   if (split == 0) {
-    y[base + (mgk_idx)j * (mgk_idx)D] = acc + om * xv;
+    y[base + (mgk_idx)j * (mgk_idx)D] = mgk_cast<TY>(acc + om * xv);
   }
 }
 if (c == NC - 1) {
@@ -469,18 +469,18 @@ if (c == NC - 1) {
   }
 }
 }
-template __global__ void cema_fwd_final<float, 16, 1, 0, 1024>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<float, 16, 1, 0, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<float, 4, 4, 0, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<__nv_bfloat16, 8, 2, 0, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<__half, 4, 4, 0, 0>(const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<float, 16, 1, 1, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
-template __global__ void cema_fwd_final<__nv_bfloat16, 8, 2, 1, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<float, float, 16, 1, 0, 1024>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<float, float, 16, 1, 0, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<float, float, 4, 4, 0, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<__nv_bfloat16, __nv_bfloat16, 8, 2, 0, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*);
+template __global__ void cema_fwd_final<__half, __half, 4, 4, 0, 0>(const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __half*, float*, float*);
+template __global__ void cema_fwd_final<float, float, 16, 1, 1, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*);
+template __global__ void cema_fwd_final<__nv_bfloat16, __nv_bfloat16, 8, 2, 1, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*);
 
 // ---- kernel cema_bwd_local
-template <int NPT, int NSPLIT, int RESET, int GHT0>
+template <typename TY, int NPT, int NSPLIT, int RESET, int GHT0>
 __global__ void cema_bwd_local(
-    const float* gy,
+    const TY* gy,
     const float* log_mag,
     const float* phase,
     const float* gamma_re,
@@ -489,7 +489,7 @@ __global__ void cema_bwd_local(
     const int* params,
     float* loc) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
-// inputs: gy (float32, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), starts (B x L), params
+// inputs: gy (TY, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), starts (B x L), params
 // output: loc (B x (NC-1) x 6 x N x D): (A, K, V) leaving the start of chunk c = 1..NC-1
 //         (stored at c-1) when the carries entering its end are zero (GHT0 = 1: the gamma-free
 //         carries Q nu, kappa', nu; gamma_re / gamma_im are not read)
@@ -537,7 +537,7 @@ const int tl = c * C + len - 1;
 int j = 0;
 // The next block's inputs are loaded while this block computes (kept in their own dtype:
 // converting them at once would wait for the loads).
-float gn[MGK_UNROLL_BWD];
+TY gn[MGK_UNROLL_BWD];
 if (MGK_UNROLL_BWD <= len) {
   MGK_UNROLL_ALL
   for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
@@ -549,7 +549,7 @@ for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
   bool cut[MGK_UNROLL_BWD];
   MGK_UNROLL_ALL
   for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
-    gs[u] = gn[u];
+    gs[u] = mgk_load(gn[u]);
     cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
   if (j + 2 * MGK_UNROLL_BWD <= len) {
@@ -592,7 +592,7 @@ for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
   }
 }
 for (; j < len; ++j) {
-  const float gv = gy[base - (mgk_idx)j * (mgk_idx)D];
+  const float gv = mgk_load(gy[base - (mgk_idx)j * (mgk_idx)D]);
   for (int k = 0; k < NPT; ++k) {
     if (GHT0 != 0) {
       const float nr = MGK_FMA(qr[k], vr[k], MGK_FMA(qi[k], vi[k], gv));
@@ -643,16 +643,18 @@ for (int k = 0; k < NPT; ++k) {
   loc[(ob + (mgk_idx)(5 * N + n)) * (mgk_idx)D + (mgk_idx)d] = vi[k];
 }
 }
-template __global__ void cema_bwd_local<16, 1, 0, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<16, 1, 0, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<4, 4, 0, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<4, 4, 0, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<8, 2, 0, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<8, 2, 0, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<16, 1, 1, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<16, 1, 1, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<8, 2, 1, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
-template __global__ void cema_bwd_local<8, 2, 1, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<float, 16, 1, 0, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<float, 16, 1, 0, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<float, 4, 4, 0, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<float, 4, 4, 0, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<__nv_bfloat16, 8, 2, 0, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<__nv_bfloat16, 8, 2, 0, 1>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<__half, 4, 4, 0, 0>(const __half*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<__half, 4, 4, 0, 1>(const __half*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<float, 16, 1, 1, 0>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<float, 16, 1, 1, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<__nv_bfloat16, 8, 2, 1, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
+template __global__ void cema_bwd_local<__nv_bfloat16, 8, 2, 1, 1>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
 
 // ---- kernel cema_bwd_combine
 template <int NPT, int NSPLIT, int RESET>
@@ -746,10 +748,10 @@ template __global__ void cema_bwd_combine<16, 1, 1>(const float*, const float*, 
 template __global__ void cema_bwd_combine<8, 2, 1>(const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*);
 
 // ---- kernel cema_bwd_final
-template <typename T, int NPT, int NSPLIT, int RESET, int GHT0>
+template <typename T, typename TY, int NPT, int NSPLIT, int RESET, int GHT0>
 __global__ void cema_bwd_final(
     const T* x,
-    const float* gy,
+    const TY* gy,
     const float* p,
     const float* log_mag,
     const float* phase,
@@ -769,7 +771,7 @@ __global__ void cema_bwd_final(
     float* gh0_re,
     float* gh0_im) {
 const unsigned int tid = blockIdx.x * blockDim.x + threadIdx.x;
-// inputs: x (T, B x L x D), gy (float32, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N),
+// inputs: x (T, B x L x D), gy (TY, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N),
 //         omega (D), h0_re, h0_im, ghT_re, ghT_im (B x D x N), carry (B x (NC-1) x 6 x N x D),
 //         starts (B x L), params
 // outputs: gx (T, B x L x D), part (B*NC x 5 x N x D: gp, gq re/im, ggamma re/im),
@@ -857,7 +859,7 @@ int j = 0;
 // The next block's inputs are loaded while this block computes (kept in their own dtype:
 // converting them at once would wait for the loads).
 T xn[MGK_UNROLL_BWD];
-float gn[MGK_UNROLL_BWD];
+TY gn[MGK_UNROLL_BWD];
 if (MGK_UNROLL_BWD <= len) {
   MGK_UNROLL_ALL
   for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
@@ -872,7 +874,7 @@ for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
   MGK_UNROLL_ALL
   for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
     xs[u] = mgk_load(xn[u]);
-    gs[u] = gn[u];
+    gs[u] = mgk_load(gn[u]);
     cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
   if (j + 2 * MGK_UNROLL_BWD <= len) {
@@ -949,7 +951,7 @@ for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
 }
 for (; j < len; ++j) {
   const float xv = mgk_load(x[base - (mgk_idx)j * (mgk_idx)D]);
-  const float gv = gy[base - (mgk_idx)j * (mgk_idx)D];
+  const float gv = mgk_load(gy[base - (mgk_idx)j * (mgk_idx)D]);
   float acc = 0.0f;
   float acc1 = 0.0f;  // odd state dims: two chains of dependent adds, half as long
   for (int k = 0; k < NPT; ++k) {
@@ -1075,17 +1077,17 @@ if (split == 0) {
   gomega[(mgk_idx)(b * NC + c) * (mgk_idx)D + (mgk_idx)d] = som;
 }
 }
-template __global__ void cema_bwd_final<float, 16, 1, 0, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<float, 16, 1, 0, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<float, 4, 4, 0, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<float, 4, 4, 0, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<__nv_bfloat16, 8, 2, 0, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<__nv_bfloat16, 8, 2, 0, 1>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<__half, 4, 4, 0, 0>(const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __half*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<__half, 4, 4, 0, 1>(const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __half*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<float, 16, 1, 1, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<float, 16, 1, 1, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<__nv_bfloat16, 8, 2, 1, 0>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
-template __global__ void cema_bwd_final<__nv_bfloat16, 8, 2, 1, 1>(const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, float, 16, 1, 0, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, float, 16, 1, 0, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, float, 4, 4, 0, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, float, 4, 4, 0, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__nv_bfloat16, __nv_bfloat16, 8, 2, 0, 0>(const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__nv_bfloat16, __nv_bfloat16, 8, 2, 0, 1>(const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__half, __half, 4, 4, 0, 0>(const __half*, const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __half*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__half, __half, 4, 4, 0, 1>(const __half*, const __half*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __half*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, float, 16, 1, 1, 0>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<float, float, 16, 1, 1, 1>(const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, float*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__nv_bfloat16, __nv_bfloat16, 8, 2, 1, 0>(const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
+template __global__ void cema_bwd_final<__nv_bfloat16, __nv_bfloat16, 8, 2, 1, 1>(const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const float*, const int*, const int*, __nv_bfloat16*, float*, float*, float*, float*);
 
 }  // namespace mlx::core::cu

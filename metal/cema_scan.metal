@@ -290,7 +290,7 @@ template [[host_name("cema_fwd_combine_16_1_1")]] [[kernel]] decltype(cema_fwd_c
 template [[host_name("cema_fwd_combine_8_2_1")]] [[kernel]] decltype(cema_fwd_combine<8, 2, 1>) cema_fwd_combine<8, 2, 1>;
 
 // ---- kernel cema_fwd_final
-template <typename T, int NPT, int NSPLIT, int RESET, int DSTRIDE>
+template <typename T, typename TY, int NPT, int NSPLIT, int RESET, int DSTRIDE>
 [[kernel]] void cema_fwd_final(
   const device T* x [[buffer(0)]],
   const device float* p [[buffer(1)]],
@@ -304,7 +304,7 @@ template <typename T, int NPT, int NSPLIT, int RESET, int DSTRIDE>
   const device float* h_in [[buffer(9)]],
   const device int* starts [[buffer(10)]],
   const device int* params [[buffer(11)]],
-  device float* y [[buffer(12)]],
+  device TY* y [[buffer(12)]],
   device float* h_out_re [[buffer(13)]],
   device float* h_out_im [[buffer(14)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
@@ -312,7 +312,7 @@ const unsigned int tid = thread_position_in_grid.x;
 // inputs: x (T, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N), omega (D),
 //         h0_re, h0_im (B x D x N), h_in (B x (NC-1) x 2 x N x D; chunk 0 starts from h0),
 //         starts (B x L), params
-// outputs: y (float32, B x L x D), h_out_re, h_out_im (B x D x N)
+// outputs: y (TY, B x L x D), h_out_re, h_out_im (B x D x N)
 // The loop carries g = h / ps with ps = p (see below): g_t = q g_{t-1} + x_t needs no p x product
 // (6 instead of 7 FP32 instructions per (t, n)); y_t = Re sum (gamma ps) g_t + omega x_t, and the
 // final state is ps g. ps is p with its magnitude floored at 1e-30 (sign kept; NaN kept, so a NaN p
@@ -419,7 +419,7 @@ for (; j + MGK_UNROLL_FWD <= len; j += MGK_UNROLL_FWD) {
     }
     acc = mgk_group_sum<NSPLIT>(acc + acc1);
     if (split == 0) {
-      y[here + (mgk_idx)u * step] = MGK_FMA(om, xs[u], acc);
+      y[here + (mgk_idx)u * step] = mgk_cast<TY>(MGK_FMA(om, xs[u], acc));
     }
   }
 }
@@ -445,7 +445,7 @@ for (; j < len; ++j) {
   }
   acc = mgk_group_sum<NSPLIT>(acc + acc1);
   if (split == 0) {
-    y[base + (mgk_idx)j * (mgk_idx)D] = acc + om * xv;
+    y[base + (mgk_idx)j * (mgk_idx)D] = mgk_cast<TY>(acc + om * xv);
   }
 }
 if (c == NC - 1) {
@@ -458,18 +458,18 @@ if (c == NC - 1) {
   }
 }
 }
-template [[host_name("cema_fwd_final_float_16_1_0_1024")]] [[kernel]] decltype(cema_fwd_final<float, 16, 1, 0, 1024>) cema_fwd_final<float, 16, 1, 0, 1024>;
-template [[host_name("cema_fwd_final_float_16_1_0_0")]] [[kernel]] decltype(cema_fwd_final<float, 16, 1, 0, 0>) cema_fwd_final<float, 16, 1, 0, 0>;
-template [[host_name("cema_fwd_final_float_4_4_0_0")]] [[kernel]] decltype(cema_fwd_final<float, 4, 4, 0, 0>) cema_fwd_final<float, 4, 4, 0, 0>;
-template [[host_name("cema_fwd_final_bfloat16_t_8_2_0_0")]] [[kernel]] decltype(cema_fwd_final<bfloat16_t, 8, 2, 0, 0>) cema_fwd_final<bfloat16_t, 8, 2, 0, 0>;
-template [[host_name("cema_fwd_final_half_4_4_0_0")]] [[kernel]] decltype(cema_fwd_final<half, 4, 4, 0, 0>) cema_fwd_final<half, 4, 4, 0, 0>;
-template [[host_name("cema_fwd_final_float_16_1_1_0")]] [[kernel]] decltype(cema_fwd_final<float, 16, 1, 1, 0>) cema_fwd_final<float, 16, 1, 1, 0>;
-template [[host_name("cema_fwd_final_bfloat16_t_8_2_1_0")]] [[kernel]] decltype(cema_fwd_final<bfloat16_t, 8, 2, 1, 0>) cema_fwd_final<bfloat16_t, 8, 2, 1, 0>;
+template [[host_name("cema_fwd_final_float_float_16_1_0_1024")]] [[kernel]] decltype(cema_fwd_final<float, float, 16, 1, 0, 1024>) cema_fwd_final<float, float, 16, 1, 0, 1024>;
+template [[host_name("cema_fwd_final_float_float_16_1_0_0")]] [[kernel]] decltype(cema_fwd_final<float, float, 16, 1, 0, 0>) cema_fwd_final<float, float, 16, 1, 0, 0>;
+template [[host_name("cema_fwd_final_float_float_4_4_0_0")]] [[kernel]] decltype(cema_fwd_final<float, float, 4, 4, 0, 0>) cema_fwd_final<float, float, 4, 4, 0, 0>;
+template [[host_name("cema_fwd_final_bfloat16_t_bfloat16_t_8_2_0_0")]] [[kernel]] decltype(cema_fwd_final<bfloat16_t, bfloat16_t, 8, 2, 0, 0>) cema_fwd_final<bfloat16_t, bfloat16_t, 8, 2, 0, 0>;
+template [[host_name("cema_fwd_final_half_half_4_4_0_0")]] [[kernel]] decltype(cema_fwd_final<half, half, 4, 4, 0, 0>) cema_fwd_final<half, half, 4, 4, 0, 0>;
+template [[host_name("cema_fwd_final_float_float_16_1_1_0")]] [[kernel]] decltype(cema_fwd_final<float, float, 16, 1, 1, 0>) cema_fwd_final<float, float, 16, 1, 1, 0>;
+template [[host_name("cema_fwd_final_bfloat16_t_bfloat16_t_8_2_1_0")]] [[kernel]] decltype(cema_fwd_final<bfloat16_t, bfloat16_t, 8, 2, 1, 0>) cema_fwd_final<bfloat16_t, bfloat16_t, 8, 2, 1, 0>;
 
 // ---- kernel cema_bwd_local
-template <int NPT, int NSPLIT, int RESET, int GHT0>
+template <typename TY, int NPT, int NSPLIT, int RESET, int GHT0>
 [[kernel]] void cema_bwd_local(
-  const device float* gy [[buffer(0)]],
+  const device TY* gy [[buffer(0)]],
   const device float* log_mag [[buffer(1)]],
   const device float* phase [[buffer(2)]],
   const device float* gamma_re [[buffer(3)]],
@@ -479,7 +479,7 @@ template <int NPT, int NSPLIT, int RESET, int GHT0>
   device float* loc [[buffer(7)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const unsigned int tid = thread_position_in_grid.x;
-// inputs: gy (float32, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), starts (B x L), params
+// inputs: gy (TY, B x L x D), log_mag, phase, gamma_re, gamma_im (D x N), starts (B x L), params
 // output: loc (B x (NC-1) x 6 x N x D): (A, K, V) leaving the start of chunk c = 1..NC-1
 //         (stored at c-1) when the carries entering its end are zero (GHT0 = 1: the gamma-free
 //         carries Q nu, kappa', nu; gamma_re / gamma_im are not read)
@@ -527,7 +527,7 @@ const int tl = c * C + len - 1;
 int j = 0;
 // The next block's inputs are loaded while this block computes (kept in their own dtype:
 // converting them at once would wait for the loads).
-float gn[MGK_UNROLL_BWD];
+TY gn[MGK_UNROLL_BWD];
 if (MGK_UNROLL_BWD <= len) {
   MGK_UNROLL_ALL
   for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
@@ -539,7 +539,7 @@ for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
   bool cut[MGK_UNROLL_BWD];
   MGK_UNROLL_ALL
   for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
-    gs[u] = gn[u];
+    gs[u] = mgk_load(gn[u]);
     cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
   if (j + 2 * MGK_UNROLL_BWD <= len) {
@@ -582,7 +582,7 @@ for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
   }
 }
 for (; j < len; ++j) {
-  const float gv = gy[base - (mgk_idx)j * (mgk_idx)D];
+  const float gv = mgk_load(gy[base - (mgk_idx)j * (mgk_idx)D]);
   for (int k = 0; k < NPT; ++k) {
     if (GHT0 != 0) {
       const float nr = MGK_FMA(qr[k], vr[k], MGK_FMA(qi[k], vi[k], gv));
@@ -633,16 +633,18 @@ for (int k = 0; k < NPT; ++k) {
   loc[(ob + (mgk_idx)(5 * N + n)) * (mgk_idx)D + (mgk_idx)d] = vi[k];
 }
 }
-template [[host_name("cema_bwd_local_16_1_0_0")]] [[kernel]] decltype(cema_bwd_local<16, 1, 0, 0>) cema_bwd_local<16, 1, 0, 0>;
-template [[host_name("cema_bwd_local_16_1_0_1")]] [[kernel]] decltype(cema_bwd_local<16, 1, 0, 1>) cema_bwd_local<16, 1, 0, 1>;
-template [[host_name("cema_bwd_local_4_4_0_0")]] [[kernel]] decltype(cema_bwd_local<4, 4, 0, 0>) cema_bwd_local<4, 4, 0, 0>;
-template [[host_name("cema_bwd_local_4_4_0_1")]] [[kernel]] decltype(cema_bwd_local<4, 4, 0, 1>) cema_bwd_local<4, 4, 0, 1>;
-template [[host_name("cema_bwd_local_8_2_0_0")]] [[kernel]] decltype(cema_bwd_local<8, 2, 0, 0>) cema_bwd_local<8, 2, 0, 0>;
-template [[host_name("cema_bwd_local_8_2_0_1")]] [[kernel]] decltype(cema_bwd_local<8, 2, 0, 1>) cema_bwd_local<8, 2, 0, 1>;
-template [[host_name("cema_bwd_local_16_1_1_0")]] [[kernel]] decltype(cema_bwd_local<16, 1, 1, 0>) cema_bwd_local<16, 1, 1, 0>;
-template [[host_name("cema_bwd_local_16_1_1_1")]] [[kernel]] decltype(cema_bwd_local<16, 1, 1, 1>) cema_bwd_local<16, 1, 1, 1>;
-template [[host_name("cema_bwd_local_8_2_1_0")]] [[kernel]] decltype(cema_bwd_local<8, 2, 1, 0>) cema_bwd_local<8, 2, 1, 0>;
-template [[host_name("cema_bwd_local_8_2_1_1")]] [[kernel]] decltype(cema_bwd_local<8, 2, 1, 1>) cema_bwd_local<8, 2, 1, 1>;
+template [[host_name("cema_bwd_local_float_16_1_0_0")]] [[kernel]] decltype(cema_bwd_local<float, 16, 1, 0, 0>) cema_bwd_local<float, 16, 1, 0, 0>;
+template [[host_name("cema_bwd_local_float_16_1_0_1")]] [[kernel]] decltype(cema_bwd_local<float, 16, 1, 0, 1>) cema_bwd_local<float, 16, 1, 0, 1>;
+template [[host_name("cema_bwd_local_float_4_4_0_0")]] [[kernel]] decltype(cema_bwd_local<float, 4, 4, 0, 0>) cema_bwd_local<float, 4, 4, 0, 0>;
+template [[host_name("cema_bwd_local_float_4_4_0_1")]] [[kernel]] decltype(cema_bwd_local<float, 4, 4, 0, 1>) cema_bwd_local<float, 4, 4, 0, 1>;
+template [[host_name("cema_bwd_local_bfloat16_t_8_2_0_0")]] [[kernel]] decltype(cema_bwd_local<bfloat16_t, 8, 2, 0, 0>) cema_bwd_local<bfloat16_t, 8, 2, 0, 0>;
+template [[host_name("cema_bwd_local_bfloat16_t_8_2_0_1")]] [[kernel]] decltype(cema_bwd_local<bfloat16_t, 8, 2, 0, 1>) cema_bwd_local<bfloat16_t, 8, 2, 0, 1>;
+template [[host_name("cema_bwd_local_half_4_4_0_0")]] [[kernel]] decltype(cema_bwd_local<half, 4, 4, 0, 0>) cema_bwd_local<half, 4, 4, 0, 0>;
+template [[host_name("cema_bwd_local_half_4_4_0_1")]] [[kernel]] decltype(cema_bwd_local<half, 4, 4, 0, 1>) cema_bwd_local<half, 4, 4, 0, 1>;
+template [[host_name("cema_bwd_local_float_16_1_1_0")]] [[kernel]] decltype(cema_bwd_local<float, 16, 1, 1, 0>) cema_bwd_local<float, 16, 1, 1, 0>;
+template [[host_name("cema_bwd_local_float_16_1_1_1")]] [[kernel]] decltype(cema_bwd_local<float, 16, 1, 1, 1>) cema_bwd_local<float, 16, 1, 1, 1>;
+template [[host_name("cema_bwd_local_bfloat16_t_8_2_1_0")]] [[kernel]] decltype(cema_bwd_local<bfloat16_t, 8, 2, 1, 0>) cema_bwd_local<bfloat16_t, 8, 2, 1, 0>;
+template [[host_name("cema_bwd_local_bfloat16_t_8_2_1_1")]] [[kernel]] decltype(cema_bwd_local<bfloat16_t, 8, 2, 1, 1>) cema_bwd_local<bfloat16_t, 8, 2, 1, 1>;
 
 // ---- kernel cema_bwd_combine
 template <int NPT, int NSPLIT, int RESET>
@@ -737,10 +739,10 @@ template [[host_name("cema_bwd_combine_16_1_1")]] [[kernel]] decltype(cema_bwd_c
 template [[host_name("cema_bwd_combine_8_2_1")]] [[kernel]] decltype(cema_bwd_combine<8, 2, 1>) cema_bwd_combine<8, 2, 1>;
 
 // ---- kernel cema_bwd_final
-template <typename T, int NPT, int NSPLIT, int RESET, int GHT0>
+template <typename T, typename TY, int NPT, int NSPLIT, int RESET, int GHT0>
 [[kernel]] void cema_bwd_final(
   const device T* x [[buffer(0)]],
-  const device float* gy [[buffer(1)]],
+  const device TY* gy [[buffer(1)]],
   const device float* p [[buffer(2)]],
   const device float* log_mag [[buffer(3)]],
   const device float* phase [[buffer(4)]],
@@ -761,7 +763,7 @@ template <typename T, int NPT, int NSPLIT, int RESET, int GHT0>
   device float* gh0_im [[buffer(19)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const unsigned int tid = thread_position_in_grid.x;
-// inputs: x (T, B x L x D), gy (float32, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N),
+// inputs: x (T, B x L x D), gy (TY, B x L x D), p, log_mag, phase, gamma_re, gamma_im (D x N),
 //         omega (D), h0_re, h0_im, ghT_re, ghT_im (B x D x N), carry (B x (NC-1) x 6 x N x D),
 //         starts (B x L), params
 // outputs: gx (T, B x L x D), part (B*NC x 5 x N x D: gp, gq re/im, ggamma re/im),
@@ -849,7 +851,7 @@ int j = 0;
 // The next block's inputs are loaded while this block computes (kept in their own dtype:
 // converting them at once would wait for the loads).
 T xn[MGK_UNROLL_BWD];
-float gn[MGK_UNROLL_BWD];
+TY gn[MGK_UNROLL_BWD];
 if (MGK_UNROLL_BWD <= len) {
   MGK_UNROLL_ALL
   for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
@@ -864,7 +866,7 @@ for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
   MGK_UNROLL_ALL
   for (int u = 0; u < MGK_UNROLL_BWD; ++u) {
     xs[u] = mgk_load(xn[u]);
-    gs[u] = gn[u];
+    gs[u] = mgk_load(gn[u]);
     cut[u] = RESET != 0 && starts[sb - (mgk_idx)(j + u)] == tl - j - u;
   }
   if (j + 2 * MGK_UNROLL_BWD <= len) {
@@ -941,7 +943,7 @@ for (; j + MGK_UNROLL_BWD <= len; j += MGK_UNROLL_BWD) {
 }
 for (; j < len; ++j) {
   const float xv = mgk_load(x[base - (mgk_idx)j * (mgk_idx)D]);
-  const float gv = gy[base - (mgk_idx)j * (mgk_idx)D];
+  const float gv = mgk_load(gy[base - (mgk_idx)j * (mgk_idx)D]);
   float acc = 0.0f;
   float acc1 = 0.0f;  // odd state dims: two chains of dependent adds, half as long
   for (int k = 0; k < NPT; ++k) {
@@ -1067,16 +1069,16 @@ if (split == 0) {
   gomega[(mgk_idx)(b * NC + c) * (mgk_idx)D + (mgk_idx)d] = som;
 }
 }
-template [[host_name("cema_bwd_final_float_16_1_0_0")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 0, 0>) cema_bwd_final<float, 16, 1, 0, 0>;
-template [[host_name("cema_bwd_final_float_16_1_0_1")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 0, 1>) cema_bwd_final<float, 16, 1, 0, 1>;
-template [[host_name("cema_bwd_final_float_4_4_0_0")]] [[kernel]] decltype(cema_bwd_final<float, 4, 4, 0, 0>) cema_bwd_final<float, 4, 4, 0, 0>;
-template [[host_name("cema_bwd_final_float_4_4_0_1")]] [[kernel]] decltype(cema_bwd_final<float, 4, 4, 0, 1>) cema_bwd_final<float, 4, 4, 0, 1>;
-template [[host_name("cema_bwd_final_bfloat16_t_8_2_0_0")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 0, 0>) cema_bwd_final<bfloat16_t, 8, 2, 0, 0>;
-template [[host_name("cema_bwd_final_bfloat16_t_8_2_0_1")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 0, 1>) cema_bwd_final<bfloat16_t, 8, 2, 0, 1>;
-template [[host_name("cema_bwd_final_half_4_4_0_0")]] [[kernel]] decltype(cema_bwd_final<half, 4, 4, 0, 0>) cema_bwd_final<half, 4, 4, 0, 0>;
-template [[host_name("cema_bwd_final_half_4_4_0_1")]] [[kernel]] decltype(cema_bwd_final<half, 4, 4, 0, 1>) cema_bwd_final<half, 4, 4, 0, 1>;
-template [[host_name("cema_bwd_final_float_16_1_1_0")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 1, 0>) cema_bwd_final<float, 16, 1, 1, 0>;
-template [[host_name("cema_bwd_final_float_16_1_1_1")]] [[kernel]] decltype(cema_bwd_final<float, 16, 1, 1, 1>) cema_bwd_final<float, 16, 1, 1, 1>;
-template [[host_name("cema_bwd_final_bfloat16_t_8_2_1_0")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 1, 0>) cema_bwd_final<bfloat16_t, 8, 2, 1, 0>;
-template [[host_name("cema_bwd_final_bfloat16_t_8_2_1_1")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, 8, 2, 1, 1>) cema_bwd_final<bfloat16_t, 8, 2, 1, 1>;
+template [[host_name("cema_bwd_final_float_float_16_1_0_0")]] [[kernel]] decltype(cema_bwd_final<float, float, 16, 1, 0, 0>) cema_bwd_final<float, float, 16, 1, 0, 0>;
+template [[host_name("cema_bwd_final_float_float_16_1_0_1")]] [[kernel]] decltype(cema_bwd_final<float, float, 16, 1, 0, 1>) cema_bwd_final<float, float, 16, 1, 0, 1>;
+template [[host_name("cema_bwd_final_float_float_4_4_0_0")]] [[kernel]] decltype(cema_bwd_final<float, float, 4, 4, 0, 0>) cema_bwd_final<float, float, 4, 4, 0, 0>;
+template [[host_name("cema_bwd_final_float_float_4_4_0_1")]] [[kernel]] decltype(cema_bwd_final<float, float, 4, 4, 0, 1>) cema_bwd_final<float, float, 4, 4, 0, 1>;
+template [[host_name("cema_bwd_final_bfloat16_t_bfloat16_t_8_2_0_0")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, bfloat16_t, 8, 2, 0, 0>) cema_bwd_final<bfloat16_t, bfloat16_t, 8, 2, 0, 0>;
+template [[host_name("cema_bwd_final_bfloat16_t_bfloat16_t_8_2_0_1")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, bfloat16_t, 8, 2, 0, 1>) cema_bwd_final<bfloat16_t, bfloat16_t, 8, 2, 0, 1>;
+template [[host_name("cema_bwd_final_half_half_4_4_0_0")]] [[kernel]] decltype(cema_bwd_final<half, half, 4, 4, 0, 0>) cema_bwd_final<half, half, 4, 4, 0, 0>;
+template [[host_name("cema_bwd_final_half_half_4_4_0_1")]] [[kernel]] decltype(cema_bwd_final<half, half, 4, 4, 0, 1>) cema_bwd_final<half, half, 4, 4, 0, 1>;
+template [[host_name("cema_bwd_final_float_float_16_1_1_0")]] [[kernel]] decltype(cema_bwd_final<float, float, 16, 1, 1, 0>) cema_bwd_final<float, float, 16, 1, 1, 0>;
+template [[host_name("cema_bwd_final_float_float_16_1_1_1")]] [[kernel]] decltype(cema_bwd_final<float, float, 16, 1, 1, 1>) cema_bwd_final<float, float, 16, 1, 1, 1>;
+template [[host_name("cema_bwd_final_bfloat16_t_bfloat16_t_8_2_1_0")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, bfloat16_t, 8, 2, 1, 0>) cema_bwd_final<bfloat16_t, bfloat16_t, 8, 2, 1, 0>;
+template [[host_name("cema_bwd_final_bfloat16_t_bfloat16_t_8_2_1_1")]] [[kernel]] decltype(cema_bwd_final<bfloat16_t, bfloat16_t, 8, 2, 1, 1>) cema_bwd_final<bfloat16_t, bfloat16_t, 8, 2, 1, 1>;
 

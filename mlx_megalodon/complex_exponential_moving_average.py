@@ -219,11 +219,13 @@ def cema_segmented(x: mx.array, coeffs: CEMACoefficients, doc_starts: mx.array, 
     return y[:, :L]
 
 
-def cema_scan(x, coeffs: CEMACoefficients, state=None, return_state=False, doc_starts=None):
+def cema_scan(x, coeffs: CEMACoefficients, state=None, return_state=False, doc_starts=None, y_dtype=None):
     """The one place that picks how CEMA runs: custom kernel where available, else pure ops.
 
     With ``doc_starts`` (packed documents): the kernel with document resets where available, else
-    the pure-ops segmented scan (also under MEGALODON_KERNELS=0)."""
+    the pure-ops segmented scan (also under MEGALODON_KERNELS=0). y comes back in ``y_dtype``
+    (None: float32); the kernels write it so directly (and read its gradient so), where a float32
+    y would be one more full-size copy each way for a caller that casts it down at once."""
     from .kernels import cema_kernel_available, cema_kernel_scan
     # The kernels read a bf16 / fp16 x as it is and convert each element to float32 in registers
     # (the same values as x.astype(float32)); a float32 copy would only add memory traffic, in the
@@ -235,13 +237,15 @@ def cema_scan(x, coeffs: CEMACoefficients, state=None, return_state=False, doc_s
         if state is not None or return_state:
             raise ValueError("CEMA over packed documents (doc_starts) takes no state and returns none")
         if use_kernel:
-            return cema_kernel_scan(x, coeffs, doc_starts=doc_starts)
-        return cema_segmented(x, coeffs, doc_starts), None
-    if use_kernel:
-        return cema_kernel_scan(x, coeffs, state, return_state)
-    if x.shape[1] <= RECURRENCE_MAX_LEN:
-        return cema_recurrence(x, coeffs, state, return_state)
-    return cema_fft(x, coeffs, state, return_state)
+            return cema_kernel_scan(x, coeffs, doc_starts=doc_starts, y_dtype=y_dtype)
+        y, new_state = cema_segmented(x, coeffs, doc_starts), None
+    elif use_kernel:
+        return cema_kernel_scan(x, coeffs, state, return_state, y_dtype=y_dtype)
+    elif x.shape[1] <= RECURRENCE_MAX_LEN:
+        y, new_state = cema_recurrence(x, coeffs, state, return_state)
+    else:
+        y, new_state = cema_fft(x, coeffs, state, return_state)
+    return (y if y_dtype is None else y.astype(y_dtype)), new_state
 
 
 class MultiHeadComplexEMA(nn.Module):
@@ -270,8 +274,8 @@ class MultiHeadComplexEMA(nn.Module):
         return CEMACoefficients(alpha, mx.log(1.0 - alpha * delta), phase,
                                 gamma[..., 0], gamma[..., 1], self.omega.astype(f32)[:, 0])
 
-    def __call__(self, x: mx.array, state=None, return_state: bool = False, doc_starts=None):
-        """x: B x L x D (any float dtype) -> (float32 B x L x D, new (re, im) state or None).
-        ``doc_starts`` (B x L ints, each token's document start) restarts the state from zero at
-        every document start (packed rows; no state in or out)."""
-        return cema_scan(x, self.coefficients(), state, return_state, doc_starts)
+    def __call__(self, x: mx.array, state=None, return_state: bool = False, doc_starts=None, y_dtype=None):
+        """x: B x L x D (any float dtype) -> (y B x L x D in ``y_dtype``, float32 when None; new
+        (re, im) state or None). ``doc_starts`` (B x L ints, each token's document start) restarts
+        the state from zero at every document start (packed rows; no state in or out)."""
+        return cema_scan(x, self.coefficients(), state, return_state, doc_starts, y_dtype)

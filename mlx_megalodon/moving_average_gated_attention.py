@@ -218,8 +218,9 @@ class MovingAverageGatedAttention(nn.Module):
         xn, norm_state = self.timenorm(x, norm_state, doc_starts)
         if exchange is not None:
             cema_state = exchange.cema_state(self.cema, xn)
-        c, cema_state = self.cema(xn, cema_state, return_state=need_state, doc_starts=doc_starts)
-        mx_ = self.rmsnorm(c.astype(dtype))
+        # y in the compute dtype straight from the scan (it accumulates in float32 either way)
+        c, cema_state = self.cema(xn, cema_state, return_state=need_state, doc_starts=doc_starts, y_dtype=dtype)
+        mx_ = self.rmsnorm(c)
         z = self.wz(mx_).reshape(B, L, self.num_heads, self.z_head_dim)
         z = mx.fast.rms_norm(z, None, self.eps).reshape(B, L, -1)
         scale = (self.gamma + 1.0) / math.sqrt(self.z_head_dim)

@@ -707,6 +707,68 @@ def test_cpu_emulated_packed_model_gradients(cpu_kernels, monkeypatch, grad_chec
         assert float(np.abs(g - r).max()) <= 1e-4 * float(np.abs(r).max()) + 1e-7, key
 
 
+@pytest.mark.parametrize("where", ["cpu-emulation", "gpu"])
+@pytest.mark.parametrize("packed,return_state", [(False, False), (False, True), (True, False)])
+def test_y_in_compute_dtype_is_one_rounding_of_the_float32_y(tmp_path, monkeypatch, where, packed, return_state):
+    """y_dtype=bf16 (what the attention block asks for): the kernels write y and read its cotangent
+    in bf16, and y, the final state and every gradient are bit-identical to a float32 y cast down
+    after the scan (the block's old way). On the GPU this runs the TY = bf16 kernels themselves."""
+    if where == "gpu" and not ON_GPU:
+        pytest.skip("no GPU backend (custom kernels need Metal or CUDA)")
+    if where == "cpu-emulation" and shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    inner = K.CpuLauncher(str(tmp_path)) if where == "cpu-emulation" else K._gpu_launcher(K.gpu_backend())
+    monkeypatch.setenv("MEGALODON_KERNELS", "1")
+    monkeypatch.setattr(K, "CHUNK_OVERRIDE", 8)
+    x, coeffs, h0, w = make_case(2, 37, 6, 4, seed=5, dtype=mx.bfloat16)
+    xb = mx.array(x).astype(mx.bfloat16)
+    starts = mx.array([[0] * 20 + [20] * 17, [0] * 37]) if packed else None
+    wy, wr, wi = (mx.array(a) for a in w)
+
+    def loss(x, cs, h0r, h0i, y_dtype):
+        state = (h0r, h0i) if return_state else None
+        y, new = K.cema_kernel_scan(x, CEMACoefficients(*cs), state, return_state, starts, y_dtype=y_dtype)
+        out = (y.astype(mx.bfloat16).astype(mx.float32) * wy).sum()
+        if return_state:
+            out = out + (new[0] * wr).sum() + (new[1] * wi).sum()
+        return out, y
+
+    seen = {}
+
+    def recording(name, inputs, templates, threads, output_shapes, output_dtypes):
+        if name == "cema_fwd_final":
+            seen["y"] = output_dtypes[0]
+        elif name in ("cema_bwd_local", "cema_bwd_final"):
+            seen[name] = inputs[0 if name == "cema_bwd_local" else 1].dtype   # gy
+        return inner(name, inputs, templates, threads, output_shapes, output_dtypes)
+    recording.max_split = inner.max_split
+    recording.compile_time_stride = inner.compile_time_stride
+    K.set_launcher(recording)
+    try:
+        args = (xb, [mx.array(c) for c in coeffs], mx.array(h0[0]), mx.array(h0[1]))
+        grad = lambda y_dtype: mx.value_and_grad(lambda *a: loss(*a, y_dtype), argnums=(0, 1, 2, 3))(*args)
+        (_, y), g = grad(mx.bfloat16)
+        mx.eval(y, g)
+        assert seen == {"y": mx.bfloat16, "cema_bwd_local": mx.bfloat16, "cema_bwd_final": mx.bfloat16}, seen
+        assert y.dtype == mx.bfloat16
+        seen.clear()
+        (_, y32), g32 = grad(None)
+        mx.eval(y32, g32)
+        assert seen["y"] == mx.float32 and y32.dtype == mx.float32
+    finally:
+        K.set_launcher(None)
+    assert np.array_equal(np.array(y.astype(mx.float32)), np.array(y32.astype(mx.bfloat16).astype(mx.float32)))
+    flat = lambda g: [g[0], *g[1], g[2], g[3]]
+    for name, a, b in zip(FIELDS, flat(g), flat(g32)):
+        assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))), name
+
+
+def test_y_dtype_must_be_a_float_the_kernels_write(cpu_kernels):
+    x, coeffs, _, _ = make_case(1, 5, 3, 4, seed=1)
+    with pytest.raises(ValueError, match="y_dtype"):
+        K.cema_kernel_scan(mx.array(x), CEMACoefficients(*(mx.array(c) for c in coeffs)), y_dtype=mx.int32)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_cema_module_hands_bf16_to_the_kernels_unconverted(cpu_kernels, packed):
     """MultiHeadComplexEMA passes a bfloat16 x to the kernels as it is (no float32 copy in front):
