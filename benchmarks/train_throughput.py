@@ -155,7 +155,7 @@ def main():
             "causal_split_parts": maga.CAUSAL_SPLIT_PARTS,
             "cema": {name: getattr(cema_kernels, name) for name in
                      ("FWD_MAX_NPT", "BWD_MAX_NPT", "TARGET_THREADS", "MIN_CHUNK")}}
-    meta["fresh_process"], meta["pid"] = a.fresh_process, os.getpid()
+    meta["fresh_process"], meta["pid"], meta["gpu"] = a.fresh_process, os.getpid(), gpu_identity()
     print(json.dumps(meta), flush=True)
     cases = [(int(x), v) for x in a.seq_lens.split(",") for v in variants]
     rows_out, summary = [], []
@@ -221,15 +221,26 @@ def summarize_rounds(rows_out):
     return out
 
 
-def gpu_state() -> str:
-    """SM clock, temperature and power of GPU 0 from nvidia-smi, or '' where there is none: the
-    runs of one process get slower as the GPU heats up, and this shows by how much it throttled."""
+def nvidia_smi(query: str) -> str:
+    """GPU 0's answer to ``nvidia-smi --query-gpu=QUERY``, or '' where there is no nvidia-smi."""
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,temperature.gpu,power.draw",
-                            "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return ""
     return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+
+
+def gpu_state() -> str:
+    """SM clock, temperature and power of GPU 0, or '': the runs of one process get slower as the
+    GPU heats up, and this shows by how much it throttled."""
+    return nvidia_smi("clocks.sm,temperature.gpu,power.draw")
+
+
+def gpu_identity() -> str:
+    """GPU 0's name, UUID and PCI bus id, or '': lent machines of one kind differ by a few percent
+    (H200, seventh session), so a row says which GPU it ran on."""
+    return nvidia_smi("name,uuid,pci.bus_id")
 
 
 if __name__ == "__main__":

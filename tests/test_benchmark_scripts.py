@@ -117,3 +117,19 @@ def test_train_throughput_fresh_process_runs_each_case_alone(tmp_path):
         tt.measure_in_child(parser, bad, 64, "kernels")
     r = run("benchmarks/train_throughput.py", "--tiny", "--packed-doc-len", "-5", timeout=60)
     assert r.returncode != 0 and "--packed-doc-len" in r.stderr
+
+
+def test_train_throughput_names_the_gpu_it_ran_on(tmp_path, monkeypatch):
+    """gpu_identity() is nvidia-smi's first line for GPU 0 (name, UUID, bus id), and '' where there
+    is no nvidia-smi, as on this CPU machine and on a Mac."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_throughput as tt
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f'#!/bin/sh\necho "$1" > "{tmp_path}/asked"\n'
+                    'printf "NVIDIA H200, GPU-1234, 00000000:19:00.0\\nNVIDIA H200, GPU-5678, 00000000:3B:00.0\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert tt.gpu_identity() == "NVIDIA H200, GPU-1234, 00000000:19:00.0"
+    assert (tmp_path / "asked").read_text().strip() == "--query-gpu=name,uuid,pci.bus_id"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert tt.gpu_identity() == "" and tt.gpu_state() == ""
