@@ -19,6 +19,11 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
                the loss reads the bf16 logits, no float32 copy (the CUDA default)
   no-ce-kernel default dispatch with the fused cross-entropy kernels forced off (MEGALODON_CE_KERNEL=0)
 ``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
+``--pipelined`` times the steps as the project's training loop runs them: each step is queued before
+the previous one's loss is read, so building a step's graph on the host (about 24-55 ms per call for
+mega200M at 8 x 4K on this project's 2-core CPU) overlaps the device's work on the step before. The
+default evaluates every step before the next is built, as megalodon-jax's step is timed in
+``peers.py``; with it the device waits while the host builds each step.
 ``--fresh-process`` runs every measurement in a process of its own (same options): on the H200 the
 later measurements of one process ran 1-7% slower than its first, at an unchanged SM clock
 (BENCHMARKS.md, sixth session), and a fresh process gives each case the same start.
@@ -52,7 +57,7 @@ VARIANT_SWITCHES = {"tnorm": ("MEGALODON_TNORM_KERNEL", "1"), "no-tnorm": ("MEGA
 
 
 def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",
-            packed_doc_len=0):
+            packed_doc_len=0, pipelined=False):
     os.environ["MEGALODON_KERNELS"] = "0" if variant == "ops" else "1"
     for switch, _ in VARIANT_SWITCHES.values():
         os.environ.pop(switch, None)
@@ -73,16 +78,33 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     times = []
     mx.synchronize()
     mx.reset_peak_memory()
-    for i in range(warmup + steps):
-        tic = time.perf_counter()
-        loss, ntoks, norm = trainer.step([batch])
+    if pipelined:
+        # As mlx_megalodon.train's loop runs: step n is queued (async_eval) before step n-1's loss
+        # is read, so the host builds step n's graph while the device still runs step n-1. A step's
+        # time is the interval between two completions.
+        tic, previous = time.perf_counter(), None
+        for i in range(warmup + steps):
+            loss, ntoks, norm = trainer.step([batch])
+            mx.async_eval(loss, trainer.state)
+            if previous is not None:
+                previous.item()
+                times.append(time.perf_counter() - tic)
+                tic = time.perf_counter()
+            previous = loss
         mx.eval(loss, trainer.state)
         times.append(time.perf_counter() - tic)
+    else:
+        for i in range(warmup + steps):
+            tic = time.perf_counter()
+            loss, ntoks, norm = trainer.step([batch])
+            mx.eval(loss, trainer.state)
+            times.append(time.perf_counter() - tic)
     t = float(np.median(times[warmup:]))
     out = {"variant": variant, "seq_len": seq_len, "rows": rows, "tokens_per_step": rows * seq_len, "step_s": t,
            "step_s_all": times[warmup:], "first_step_s": times[0], "tokens_per_s": rows * seq_len / t,
            "peak_memory_gb": mx.get_peak_memory() / 1e9, "loss": float(loss.item()),
-           "grad_checkpoint": grad_checkpoint, "packed_doc_len": packed_doc_len, "pid": os.getpid()}
+           "grad_checkpoint": grad_checkpoint, "packed_doc_len": packed_doc_len, "pid": os.getpid(),
+           "loop": "pipelined" if pipelined else "synchronous"}
     del trainer, model
     mx.clear_cache()
     return out
@@ -100,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--pipelined", action="store_true",
+                   help="queue each step before waiting for the one before, as the training loop of "
+                        "mlx_megalodon.train does (default: evaluate every step before the next starts)")
     p.add_argument("--variants", default="kernels", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--packed-doc-len", type=int, default=0, help="documents of N tokens per row (0: one per row)")
     p.add_argument("--causal-split-parts", type=int, default=None,
@@ -167,7 +192,7 @@ def main():
                 r = measure_in_child(p, a, L, variant)
             else:
                 r = measure(args, L, rows, a.steps, a.warmup, a.grad_checkpoint, not a.no_compile, a.dtype, variant,
-                            a.packed_doc_len)
+                            a.packed_doc_len, a.pipelined)
             r.update({"round": rnd, "gpu_before": before, "gpu_after": gpu_state()})
             rows_out.append(r)
             gpu = f"  GPU {r['gpu_after']}" if r["gpu_after"] else ""

@@ -133,3 +133,19 @@ def test_train_throughput_names_the_gpu_it_ran_on(tmp_path, monkeypatch):
     assert (tmp_path / "asked").read_text().strip() == "--query-gpu=name,uuid,pci.bus_id"
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert tt.gpu_identity() == "" and tt.gpu_state() == ""
+
+
+def test_train_throughput_pipelined_loop_trains_the_same_steps(tmp_path):
+    """--pipelined queues each step before reading the previous loss (the training loop's way):
+    one time per step, and the same losses as evaluating every step before the next."""
+    outs = {}
+    for mode in ("synchronous", "pipelined"):
+        out = tmp_path / f"{mode}.json"
+        r = run("benchmarks/train_throughput.py", "--tiny", "--layers", "1", "--seq-lens", "64",
+                "--tokens-per-step", "128", "--steps", "3", "--warmup", "1", "--out", str(out),
+                *(["--pipelined"] if mode == "pipelined" else []), timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs[mode] = json.loads(out.read_text())["results"][0]
+    for mode, row in outs.items():
+        assert row["loop"] == mode and len(row["step_s_all"]) == 3 and all(t > 0 for t in row["step_s_all"])
+    assert outs["pipelined"]["loss"] == outs["synchronous"]["loss"]
