@@ -32,6 +32,19 @@ either limit; the job it was in is recorded as a timeout, what it finished is ke
 remaining jobs go to a fresh worker while budget remains. A worker whose failed job left memory
 behind also hands the remaining jobs to a fresh worker (see ``peers_workers.worker_main``).
 
+Repeated training rounds: ``--train-rounds N`` (N > 1) follows the normal pass with rounds 2..N of
+the training jobs alone (no gate: the weights are the same) for every system whose gate passed, each
+length that trained in round 1, every system's round in a fresh worker. The systems' order
+alternates (round 2 reversed, round 3 as normal, ...) so that a GPU slowing down over time does not
+always hit the same one. A training record then keeps each round's tokens/s and peak memory, and its
+tokens/s is the median over the rounds; the report adds, for each target ratio, the ratio of the two
+systems' same rounds (measured back to back on one machine) with min / median / max. Machine
+instances of one GPU model differ by ~5% in training throughput, so compare systems this way, in one
+run, e.g. on the H200:
+
+    python3 benchmarks/peers.py --preset mega200M --systems mlx,jax --seq-lens 4K --contexts "" --steps 10 \
+        --warmup 2 --train-rounds 3 --budget-s 560 --job-timeout-s 240
+
 Results of runs with and without ``--mlx-grad-checkpoint`` merge: the MLX systems that trained with
 gradient checkpointing are labelled ``NAME (grad ckpt)``, and the ratio rows pair like with like
 where both were measured and mark any unlike pair.
@@ -115,6 +128,9 @@ def build_parser():
     p.add_argument("--job-timeout-s", type=float, default=None,
                    help="kill a worker whose current job (or start-up) runs longer than this, record the job as a "
                         "timeout and go on with a fresh worker (default: only --budget-s limits it)")
+    p.add_argument("--train-rounds", type=int, default=1,
+                   help="after the normal pass, run every passing system's training jobs again in rounds 2..N "
+                        "(fresh workers, the systems' order alternating) and report medians and paired ratios")
     p.add_argument("--gate-tol-fp32", type=float, default=5e-4)
     p.add_argument("--gate-tol-bf16", type=float, default=2e-2)
     p.add_argument("--mlx-grad-checkpoint", action="store_true",
@@ -167,7 +183,7 @@ def resolve(a) -> dict:
             "seq_lens": seq_lens, "tokens_per_step": a.tokens_per_step, "contexts": contexts,
             "prefill_step": a.prefill_step, "decode_tokens": a.decode_tokens, "steps": a.steps,
             "warmup": a.warmup, "tol_fp32": a.gate_tol_fp32, "tol_bf16": a.gate_tol_bf16, "device": a.device,
-            "gate_only": a.gate_only, "mlx_grad_checkpoint": a.mlx_grad_checkpoint}
+            "gate_only": a.gate_only, "mlx_grad_checkpoint": a.mlx_grad_checkpoint, "train_rounds": a.train_rounds}
 
 
 # Settings that must agree for two systems' results to share a report. --mlx-grad-checkpoint is not
@@ -308,12 +324,14 @@ def run_worker(name: str, job: dict, jobs: List[str], work: Path, log_dir: Path,
 
 
 def run_system(name: str, job: dict, settings: dict, work: Path, log_dir: Path, deadline: float,
-               job_timeout_s: Optional[float] = None) -> dict:
-    """All of one system's jobs, in as few workers as the jobs allow: a new worker picks up after a
-    worker that stopped early (a job it was killed in, a failed job that left memory behind)."""
-    jobs = ["gate"]
-    if not settings.get("gate_only"):
-        jobs += [f"train:{L}" for L in settings["seq_lens"]] + [f"infer:{c}" for c in settings["contexts"]]
+               job_timeout_s: Optional[float] = None, jobs: Optional[List[str]] = None) -> dict:
+    """One system's jobs (default: the gate, then training and inference; ``jobs``: just those, as
+    the extra training rounds run them), in as few workers as the jobs allow: a new worker picks up
+    after a worker that stopped early (a job it was killed in, a failed job that left memory behind)."""
+    if jobs is None:
+        jobs = ["gate"]
+        if not settings.get("gate_only"):
+            jobs += [f"train:{L}" for L in settings["seq_lens"]] + [f"infer:{c}" for c in settings["contexts"]]
     gate_env = GATE_ENV.get(SYSTEMS[name][0].framework)
     result = {"system": name, "family": FAMILY[name], "settings": settings, "settings_key": settings_key(settings),
               "records": {}}
@@ -352,6 +370,25 @@ def run_system(name: str, job: dict, settings: dict, work: Path, log_dir: Path, 
     return result
 
 
+GPU_QUERY = ("name", "memory.total", "uuid", "pci.bus_id")
+
+
+def gpu_identity() -> Optional[List[dict]]:
+    """Each GPU's name, memory, UUID and PCI bus id from nvidia-smi (None without it): the UUID tells
+    one machine instance of a GPU model from another, whose throughput can differ by a few percent."""
+    try:
+        text = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_QUERY)}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus = []
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == len(GPU_QUERY):
+            gpus.append(dict(zip(("name", "memory", "uuid", "pci_bus_id"), fields)))
+    return gpus or None
+
+
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor()}
     try:
@@ -362,12 +399,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     info["cpu_count"] = os.cpu_count()
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
-        info["gpu"] = gpu or None
-    except (OSError, subprocess.SubprocessError):
-        info["gpu"] = None
+    info["gpus"] = gpu_identity()
+    info["gpu"] = "; ".join(f"{g['name']}, {g['memory']}" for g in info["gpus"]) if info["gpus"] else None
     from importlib.metadata import PackageNotFoundError, version
     versions = {}
     for pkg in ("mlx", "mlx-cuda", "torch", "jax", "jaxlib", "equinox", "megalodon-jax", "numpy"):
@@ -386,6 +419,11 @@ def run(a, settings: dict) -> Path:
     log_dir.mkdir(exist_ok=True)
     start = time.time()
     deadline = start + a.budget_s
+    # The run's id lets the report pair rounds only between systems measured in one run (one machine).
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    meta = {"machine": machine_info(), "command": "python " + " ".join(sys.argv), "run_id": run_id,
+            "budget_s": a.budget_s, "job_timeout_s": a.job_timeout_s, "train_rounds": settings["train_rounds"]}
+    (out / "run_meta.json").write_text(json.dumps(meta, indent=1) + "\n")      # kept if the run is killed
     weights = Path(a.keep_weights) if a.keep_weights else Path(tempfile.mkdtemp(prefix="peers-weights-"))
     weights.mkdir(parents=True, exist_ok=True)
     try:
@@ -421,6 +459,11 @@ def run(a, settings: dict) -> Path:
                 order += [(s, False) for s in sorted(chosen, key=lambda s: s != ref)]
         work = weights / "work"
         work.mkdir(exist_ok=True)
+        results: Dict[str, dict] = {}
+
+        def save(name):
+            (out / "systems" / f"{name}.json").write_text(json.dumps(results[name], indent=1) + "\n")
+
         for name, reference_only in order:
             tic = time.time()
             if reference_only:
@@ -433,16 +476,86 @@ def run(a, settings: dict) -> Path:
             print(f"[{name}] running", flush=True)
             res = run_system(name, job, settings, work, log_dir, deadline, a.job_timeout_s)
             res["wall_s"] = time.time() - tic
-            (out / "systems" / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+            res["run_id"] = run_id
+            results[name] = res
+            save(name)
             print(f"[{name}] done in {res['wall_s']:.0f} s: " + ", ".join(
                 f"{j}={r['status']}" for j, r in res["records"].items()), flush=True)
+        if settings["train_rounds"] > 1 and not settings.get("gate_only"):
+            measured = [name for name, reference_only in order if not reference_only]
+            meta["rounds"] = run_train_rounds(results, measured, settings["train_rounds"], job, settings, work,
+                                              log_dir, deadline, a.job_timeout_s, save)
     finally:
         if not a.keep_weights:
             shutil.rmtree(weights, ignore_errors=True)
-    meta = {"machine": machine_info(), "command": "python " + " ".join(sys.argv), "total_wall_s": time.time() - start,
-            "budget_s": a.budget_s, "job_timeout_s": a.job_timeout_s}
+    meta["total_wall_s"] = time.time() - start
     (out / "run_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
+
+
+def start_rounds(rec: dict, rounds: int) -> None:
+    """Turn a training record of the normal pass into round 1 of ``rounds``. Its other fields
+    (step_s, compile_s, peak_memory_gb, losses) stay round 1's."""
+    rec.update(rounds_requested=rounds, round_numbers=[1], tokens_per_s_rounds=[rec["tokens_per_s"]],
+               peak_memory_gb_rounds=[rec.get("peak_memory_gb")], tokens_per_s_round1=rec["tokens_per_s"],
+               round_failures=[])
+
+
+def add_round(rec: dict, round_number: int, got: Optional[dict]) -> None:
+    """Add one extra round's record (None: the worker never reported the job) to a training record:
+    its tokens/s and peak memory where it succeeded (tokens_per_s becomes the median over the
+    rounds), else why it did not."""
+    if got is not None and got.get("status") == "ok":
+        rec["round_numbers"].append(round_number)
+        rec["tokens_per_s_rounds"].append(got["tokens_per_s"])
+        rec["peak_memory_gb_rounds"].append(got.get("peak_memory_gb"))
+        rec["tokens_per_s"] = float(np.median(rec["tokens_per_s_rounds"]))
+    else:
+        got = got or {"status": "error", "reason": "no record from the worker"}
+        rec["round_failures"].append({"round": round_number, "status": got.get("status"),
+                                      "reason": got.get("reason", ""), "timed_out": bool(got.get("timed_out"))})
+
+
+def run_train_rounds(results: Dict[str, dict], order: List[str], rounds: int, job: dict, settings: dict,
+                     work: Path, log_dir: Path, deadline: float, job_timeout_s: Optional[float], save) -> List[dict]:
+    """Rounds 2..``rounds`` of training (--train-rounds): the train jobs that succeeded in the normal
+    pass (round 1), of the systems whose gate passed, again, each system's round in fresh workers
+    (``run_system`` with those jobs only), in ``order`` reversed in even rounds. ``results`` (the
+    normal pass's, by system) gain the rounds, and ``save(name)`` writes a system's file after each of
+    its rounds, so that a run cut short keeps what it measured. Under --budget-s the round in which
+    the budget ran out is the last (its unfinished jobs recorded as such). Returns one entry per round."""
+    train_jobs: Dict[str, List[str]] = {}
+    for name in order:
+        records = results[name]["records"]
+        gate = records.get("gate", {})
+        if not (gate.get("status") == "ok" and gate.get("passed")):
+            continue
+        jobs = [j for j, r in records.items() if j.startswith("train:") and r.get("status") == "ok"]
+        if jobs:
+            train_jobs[name] = jobs
+            for j in jobs:
+                start_rounds(records[j], rounds)
+            save(name)
+    names = [n for n in order if n in train_jobs]
+    log = []
+    for round_number in range(2, rounds + 1):
+        sequence = names[::-1] if round_number % 2 == 0 else names
+        tic, complete = time.time(), True
+        for name in sequence:
+            print(f"[{name}] training round {round_number}/{rounds}", flush=True)
+            res = run_system(name, job, settings, work, log_dir, deadline, job_timeout_s, jobs=train_jobs[name])
+            for j in train_jobs[name]:
+                got = res["records"].get(j)
+                add_round(results[name]["records"][j], round_number, got)
+                complete &= got is not None and got.get("status") == "ok"
+            save(name)
+            print(f"[{name}] round {round_number}: " + ", ".join(
+                f"{j}={r['status']}" for j, r in res["records"].items()), flush=True)
+        log.append({"round": round_number, "order": sequence, "wall_s": time.time() - tic, "complete": complete})
+        if time.time() > deadline and round_number < rounds:
+            print(f"time budget exhausted: training rounds {round_number + 1}..{rounds} not run", flush=True)
+            break
+    return log
 
 
 # ============================================================================ report
@@ -552,6 +665,42 @@ def tok_s(sysres, L) -> Optional[float]:
     return None if r is None else r["tokens_per_s"]
 
 
+def round_values(rec: dict) -> Dict[int, float]:
+    """{round number: tokens/s} of a training record measured in --train-rounds rounds ({} without)."""
+    values = rec.get("tokens_per_s_rounds")
+    if not values:
+        return {}
+    return dict(zip(rec.get("round_numbers") or range(1, len(values) + 1), values))
+
+
+def train_cell(sysres: Optional[dict], L: int) -> str:
+    """The training tokens/s cell: with rounds, their median followed by each round's value."""
+    text = cell(sysres, f"train:{L}", "tokens_per_s")
+    rec = _rec(sysres, f"train:{L}")
+    values = round_values(rec) if rec is not None else {}
+    if not values:
+        return text
+    listed = ", ".join(f"r{i} {v:,.0f}" for i, v in values.items())
+    missing = rec.get("rounds_requested", len(values)) - len(values)
+    return f"{text} ({listed}{f'; {missing} missing' if missing > 0 else ''})"
+
+
+def paired_rounds(ra: Optional[dict], rb: Optional[dict], L: int) -> Optional[dict]:
+    """a's / b's training throughput at L round by round (--train-rounds): round i of a over round i
+    of b, which ran back to back on one machine. None unless both were measured in rounds in the
+    same run (rounds of different runs, perhaps on different machines, do not pair)."""
+    if ra is None or rb is None or ra.get("run_id") is None or ra.get("run_id") != rb.get("run_id"):
+        return None
+    a, b = _rec(ra, f"train:{L}"), _rec(rb, f"train:{L}")
+    va, vb = (round_values(a), round_values(b)) if a is not None and b is not None else ({}, {})
+    common = sorted(set(va) & set(vb))
+    if not common:
+        return None
+    ratios = [va[i] / vb[i] for i in common]
+    return {"rounds": common, "ratios": ratios, "min": min(ratios), "median": float(np.median(ratios)),
+            "max": max(ratios)}
+
+
 def build_report(dirs: List[Path], out: Path) -> str:
     systems = load_systems(dirs)
     if not systems:
@@ -573,8 +722,9 @@ def build_report(dirs: List[Path], out: Path) -> str:
     lines = [f"### Peers: {settings['model']} Megalodon ({settings['mega_parameters'] / 1e6:.1f}M parameters) vs "
              f"a Llama-style Transformer ({settings['llama_parameters'] / 1e6:.1f}M)", ""]
     m = meta["machine"]
-    lines.append(f"Machine: {m.get('gpu') or 'no GPU'}; CPU {m.get('cpu')} ({m.get('cpu_count')} cores); "
-                 f"{m.get('platform')}; Python {m.get('python')}.  ")
+    gpu_ids = ", ".join(f"{g['uuid']} at {g['pci_bus_id']}" for g in m.get("gpus") or [])
+    lines.append(f"Machine: {m.get('gpu') or 'no GPU'}{f' ({gpu_ids})' if gpu_ids else ''}; "
+                 f"CPU {m.get('cpu')} ({m.get('cpu_count')} cores); {m.get('platform')}; Python {m.get('python')}.  ")
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + ".  ")
     lines.append(f"Command: `{meta.get('command', '?')}`" + (f" (plus {', '.join(map(str, dirs[1:]))} merged)"
                                                             if len(dirs) > 1 else ""))
@@ -587,6 +737,10 @@ def build_report(dirs: List[Path], out: Path) -> str:
                  f"norms float32), greedy decoding of {settings['decode_tokens']} tokens, batch 1. Gate: "
                  f"max|diff| <= {settings['tol_fp32']:g} (float32) / {settings['tol_bf16']:g} (bf16) x max|logit| of the "
                  f"family reference's float32 logits.")
+    if any(round_values(rec) for r in systems.values() for rec in r["records"].values()):
+        lines.append("Training rounds (--train-rounds): after the normal pass each system's training jobs ran "
+                     "again in fresh workers, round after round, the systems' order alternating; tok/s is the "
+                     "median over the rounds, each round's value (r1, r2, ...) follows it.")
     if any(r["_checkpointed"] for r in systems.values()):
         lines.append(f"`{CKPT_LABEL.strip()}`: trained with gradient checkpointing (--mlx-grad-checkpoint: each block's "
                      f"activations are recomputed in the backward pass, so a step costs more and its peak memory is "
@@ -612,7 +766,7 @@ def build_report(dirs: List[Path], out: Path) -> str:
             return f"{'pass' if e['passed'] else '**FAIL**'} {e['relative']:.1e}"
         row = [n, dev[:40], gcell("float32"), gcell("bfloat16")]
         for L in seq:
-            row += [cell(r, f"train:{L}", "tokens_per_s"), cell(r, f"train:{L}", "peak_memory_gb", GBF),
+            row += [train_cell(r, L), cell(r, f"train:{L}", "peak_memory_gb", GBF),
                     cell(r, f"train:{L}", "compile_s", "{:.1f}")]
         if len(seq) >= 2:
             q = ratio(tok_s(r, seq[-1]), tok_s(r, seq[0]))
@@ -668,13 +822,16 @@ def build_report(dirs: List[Path], out: Path) -> str:
             lines.append("| " + " | ".join([label_or(rm, mega_name), label_or(rl, llama_name), ckpt]
                                            + ["–" if v is None else f"{v:.2f}x" for v in vals]) + " |")
     lines.append("")
-    targets = []
+    targets, unpaired = [], []
 
     def target(a, b, L, goal):
         ra, rb, q = compare(systems, a, b, L)
         what = f"{label_or(ra, a)} / {label_or(rb, b)} training at {size_label(L)}"
         note = checkpoint_note(ra, rb) if ra is not None and rb is not None else ""
-        targets.append((what + (f" (**{note}**)" if note else ""), q, goal, not note))
+        paired = paired_rounds(ra, rb, L)
+        if paired is None and all(r is not None and round_values(_rec(r, f"train:{L}") or {}) for r in (ra, rb)):
+            unpaired.append(what)
+        targets.append((what + (f" (**{note}**)" if note else ""), q, goal, not note, paired))
 
     for L in seq:
         for other, goal in (("jax", 1.5), ("torch_ref", 1.25), ("torch_ref_compile", 1.25)):
@@ -683,20 +840,42 @@ def build_report(dirs: List[Path], out: Path) -> str:
         mlx_variants = sorted(variants(systems, "mlx").values(), key=lambda r: r["_checkpointed"])
         found = [(r, ratio(tok_s(r, seq[-1]), tok_s(r, seq[0]))) for r in mlx_variants]
         r, q = next(((r, q) for r, q in found if q is not None), found[0] if found else (None, None))
-        targets.append((f"{label_or(r, 'mlx')} {size_label(seq[-1])} / {size_label(seq[0])} training", q, 0.94, True))
+        targets.append((f"{label_or(r, 'mlx')} {size_label(seq[-1])} / {size_label(seq[0])} training", q, 0.94, True,
+                        None))
     for L, goal in zip(seq, (0.94, 1.32)):
         target("mlx", "llama_mlx", L, goal)
     lines += ["Issue targets:", "", "| target | measured | goal | met |", "|---|---|---|---|"]
-    for what, v, goal, _ in targets:
+    for what, v, goal, _, _ in targets:
         lines.append(f"| {what} | {'–' if v is None else f'{v:.2f}x'} | >= {goal}x | "
                      f"{'–' if v is None else ('yes' if v >= goal else 'no')} |")
     lines.append("")
+    if any(paired for *_, paired in targets):
+        lines += ["Paired training rounds (round i of one system over round i of the other: they ran back to "
+                  "back in one run, so machine-to-machine and slow-down-over-time differences largely cancel):", "",
+                  "| target | rounds | per-round ratios | min | median | max | goal met in |", "|" + "---|" * 7]
+        for what, _, goal, _, paired in targets:
+            if paired:
+                ratios = ", ".join(f"r{i} {q:.2f}x" for i, q in zip(paired["rounds"], paired["ratios"]))
+                met = sum(q >= goal for q in paired["ratios"])
+                lines.append(f"| {what} | {len(paired['ratios'])} | {ratios} | {paired['min']:.2f}x | "
+                             f"{paired['median']:.2f}x | {paired['max']:.2f}x | {met} of {len(paired['ratios'])} |")
+        lines.append("")
     notes = []
     for n in names:
         for j, rec in systems[n]["records"].items():
             if rec.get("status") in ("error", "skipped") and "gate failed" not in rec.get("reason", ""):
                 restart = f" ({rec['worker_restart']})" if rec.get("worker_restart") else ""
                 notes.append(f"- {n} {j}: {rec['status']}: {rec.get('reason', '')}{restart}")
+            for failure in rec.get("round_failures", []):
+                notes.append(f"- {n} {j} round {failure['round']}: {failure['status']}: {failure['reason']}")
+            if "rounds_requested" in rec:
+                seen = set(rec.get("round_numbers", [])) | {f["round"] for f in rec.get("round_failures", [])}
+                not_run = [i for i in range(1, rec["rounds_requested"] + 1) if i not in seen]
+                if not_run:
+                    notes.append(f"- {n} {j}: round{'s' if len(not_run) > 1 else ''} "
+                                 f"{', '.join(map(str, not_run))} not run (time budget exhausted or run stopped)")
+    for what in unpaired:
+        notes.append(f"- {what}: both ran in rounds, but in different runs: their rounds are not paired")
     if mismatched:
         notes.append(f"- left out (measured with other settings): {', '.join(mismatched)}")
     if notes:
@@ -706,8 +885,9 @@ def build_report(dirs: List[Path], out: Path) -> str:
     (out / "peers.md").write_text(md + "\n")
     (out / "peers.json").write_text(json.dumps({"meta": meta, "settings": settings, "systems": systems,
                                                 "claims": claims,
-                                                "targets": [{"what": w, "value": v, "goal": g, "like_settings": like}
-                                                            for w, v, g, like in targets]},
+                                                "targets": [{"what": w, "value": v, "goal": g, "like_settings": like,
+                                                             "paired_rounds": paired}
+                                                            for w, v, g, like, paired in targets]},
                                                indent=1) + "\n")
     try:
         plot(systems, names, settings, out)
@@ -770,6 +950,8 @@ def main(argv=None) -> int:
             p.error("--worker needs a known system and --job-file")
         return worker_main(a.worker, a.job_file)
     try:
+        if a.train_rounds < 1:
+            raise UsageError(f"--train-rounds must be at least 1 (1: no extra rounds), got {a.train_rounds}")
         out = Path(a.out)
         if not a.report_only:
             settings = resolve(a)

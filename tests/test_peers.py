@@ -341,9 +341,11 @@ def test_torch_ref_compile_keeps_cema_and_timestep_norm_eager(gate_job):
 
 
 # ============================================================================ report: grad ckpt labels
-def write_system(folder: Path, name: str, train: dict, ckpt_setting: bool, record_flag=None) -> None:
+def write_system(folder: Path, name: str, train: dict, ckpt_setting: bool, record_flag=None, rounds=None,
+                 run_id=None) -> None:
     """A synthetic systems/NAME.json: ``train`` maps seq len -> tokens/s (None: an OOM error);
-    ``record_flag`` is the training records' grad_checkpoint (None: an older run that lacks it)."""
+    ``record_flag`` is the training records' grad_checkpoint (None: an older run that lacks it);
+    ``rounds`` maps seq len -> tokens/s per --train-rounds round (their median replaces ``train``'s)."""
     settings = {"model": "tiny", "mega_args": {"num_layers": 2}, "llama_args": {"num_layers": 2, "model_dim": 64,
                 "num_heads": 1, "ffn_hidden_dim": 128}, "mega_parameters": 1e6, "llama_parameters": 1e6,
                 "seq_lens": [4096, 32768], "tokens_per_step": 32768, "contexts": [4096], "prefill_step": 4096,
@@ -356,10 +358,15 @@ def write_system(folder: Path, name: str, train: dict, ckpt_setting: bool, recor
                if v is not None else {"job": f"train:{L}", "status": "error", "reason": "RuntimeError: out of memory"})
         if record_flag is not None and v is not None:
             rec["grad_checkpoint"] = record_flag
+        if rounds and L in rounds:
+            rec.update(tokens_per_s=float(np.median(rounds[L])), tokens_per_s_rounds=rounds[L],
+                       round_numbers=list(range(1, len(rounds[L]) + 1)), rounds_requested=len(rounds[L]),
+                       tokens_per_s_round1=rounds[L][0], round_failures=[])
         records[f"train:{L}"] = rec
     (folder / "systems").mkdir(parents=True, exist_ok=True)
     (folder / "systems" / f"{name}.json").write_text(json.dumps(
-        {"system": name, "family": FAMILY[name], "settings": settings, "settings_key": "stale", "records": records}))
+        {"system": name, "family": FAMILY[name], "settings": settings, "settings_key": "stale", "records": records,
+         **({"run_id": run_id} if run_id else {})}))
 
 
 def report_lines(dirs):
@@ -409,3 +416,200 @@ def test_report_marks_an_unlike_megalodon_transformer_pair(tmp_path):
     assert "| mlx (grad ckpt) | llama_mlx | **unlike**: Megalodon only | 0.50x | 1.50x |" in md
     t = targets["mlx (grad ckpt) / llama_mlx training at 4K (**unlike: grad ckpt on mlx only**)"]
     assert t["value"] == pytest.approx(0.5) and not t["like_settings"]
+
+
+# ============================================================================ --train-rounds
+class StubWorkers:
+    """Stands in for peers.run_worker (no processes): records each call's (system, jobs) and answers
+    with a passing gate (failing for ``gate_fails``) and, per training job, the next of
+    ``rates[system][seq len]``: tokens/s, None (an out-of-memory error) or "hang" (the worker runs
+    into the --budget-s deadline and is killed, as run_worker reports it)."""
+
+    def __init__(self, out: Path, rates: dict, gate_fails=()):
+        self.out, self.gate_fails = out, gate_fails
+        self.rates = {n: {L: list(v) for L, v in r.items()} for n, r in rates.items()}
+        self.calls, self.on_disk_when_hung = [], None
+
+    def __call__(self, name, job, jobs, work, log_dir, deadline, extra_env=None, job_timeout_s=None):
+        self.calls.append((name, list(jobs)))
+        records = [{"job": "setup", "status": "ok", "versions": {"device": "stub"}}]
+        for j in jobs:
+            if j == "gate":
+                passed = name not in self.gate_fails
+                e = {"passed": passed, "relative": 0.0 if passed else 1.0}
+                records.append({"job": j, "status": "ok", "passed": passed, "float32": e, "bfloat16": e})
+                continue
+            L = int(j.split(":")[1])
+            rate = self.rates[name][L].pop(0)
+            if rate == "hang":
+                self.on_disk_when_hung = json.loads((self.out / "systems" / f"{name}.json").read_text())
+                time.sleep(max(0.0, deadline - time.time()))
+                records.append({"job": j, "status": "skipped", "timed_out": True,
+                                "reason": "timeout: worker killed after 1 s in this job (the --budget-s deadline)"})
+                return records
+            records.append({"job": j, "status": "ok", "tokens_per_s": rate, "peak_memory_gb": rate / 1000,
+                            "compile_s": 1.0, "grad_checkpoint": False} if rate is not None else
+                           {"job": j, "status": "error", "reason": "RuntimeError: out of memory"})
+        return records
+
+
+def run_with_stub(tmp_path, monkeypatch, rates, extra_args, gate_fails=()):
+    from benchmarks import peers
+    out, weights = tmp_path / "out", tmp_path / "weights"
+    (weights / "megalodon_upstream").mkdir(parents=True)
+    (weights / "megalodon_upstream" / "consolidated.pth").touch()     # the stub loads no weights
+    stub = StubWorkers(out, rates, gate_fails)
+    monkeypatch.setattr(peers, "run_worker", stub)
+    rc = peers.main(["--tiny", "--contexts", "", "--out", str(out), "--keep-weights", str(weights)] + extra_args)
+    assert rc == 0
+    systems = {n: json.loads((out / "systems" / f"{n}.json").read_text()) for n in rates}
+    return stub, systems, out
+
+
+def test_train_rounds_alternate_and_repeat_training_only(tmp_path, monkeypatch):
+    rates = {"mlx": {4096: [100, 300, 200], 32768: [80, 60, 70]},
+             "jax": {4096: [50, 200, 400], 32768: [None]},          # 32K fails in round 1: not repeated
+             "torch_ref": {4096: [10], 32768: [10]}}   # its gate fails (its worker trains on: no rounds though)
+    stub, systems, out = run_with_stub(tmp_path, monkeypatch, rates, ["--systems", "mlx,jax,torch_ref", "--seq-lens",
+                                       "4K,32K", "--train-rounds", "3"], gate_fails=("torch_ref",))
+    both = ["train:4096", "train:32768"]
+    # the normal pass (mlx's gate alone: MLX's gate env; jax one job per worker), then rounds 2 (reversed) and 3
+    assert stub.calls == [("mlx", ["gate"]), ("mlx", both), ("jax", ["gate"]), ("jax", ["train:4096"]),
+                          ("jax", ["train:32768"]), ("torch_ref", ["gate"] + both),
+                          ("jax", ["train:4096"]), ("mlx", both), ("mlx", both), ("jax", ["train:4096"])]
+    mlx4 = systems["mlx"]["records"]["train:4096"]
+    assert mlx4["tokens_per_s_rounds"] == [100, 300, 200] and mlx4["round_numbers"] == [1, 2, 3]
+    assert mlx4["tokens_per_s"] == 200 and mlx4["tokens_per_s_round1"] == 100
+    assert mlx4["peak_memory_gb_rounds"] == [0.1, 0.3, 0.2] and mlx4["round_failures"] == []
+    assert systems["mlx"]["records"]["train:32768"]["tokens_per_s"] == 70
+    assert systems["jax"]["records"]["train:4096"]["tokens_per_s"] == 200
+    assert systems["jax"]["records"]["train:32768"]["status"] == "error"
+    assert "tokens_per_s_rounds" not in systems["jax"]["records"]["train:32768"]
+    assert "tokens_per_s_rounds" not in systems["torch_ref"]["records"]["train:4096"]
+    assert systems["mlx"]["run_id"] == systems["jax"]["run_id"]
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert [r["order"] for r in meta["rounds"]] == [["jax", "mlx"], ["mlx", "jax"]]
+    assert all(r["complete"] for r in meta["rounds"]) and meta["train_rounds"] == 3
+
+    # the report: medians with each round; per-round ratios mlx round i / jax round i
+    md = (out / "peers.md").read_text()
+    targets = {t["what"]: t for t in json.loads((out / "peers.json").read_text())["targets"]}
+    assert "| 200 (r1 100, r2 300, r3 200) |" in md
+    t = targets["mlx / jax training at 4K"]
+    assert t["value"] == pytest.approx(1.0)                          # ratio of the medians, 200 / 200
+    paired = t["paired_rounds"]
+    assert paired["rounds"] == [1, 2, 3] and paired["ratios"] == pytest.approx([2.0, 1.5, 0.5])
+    assert (paired["min"], paired["median"], paired["max"]) == pytest.approx((0.5, 1.5, 2.0))
+    assert "| mlx / jax training at 4K | 3 | r1 2.00x, r2 1.50x, r3 0.50x | 0.50x | 1.50x | 2.00x | 2 of 3 |" in md
+    assert targets["mlx / jax training at 32K"]["paired_rounds"] is None        # jax did not train at 32K
+    assert targets["mlx / torch_ref training at 4K"]["paired_rounds"] is None
+    assert targets["mlx 32K / 4K training"]["value"] == pytest.approx(70 / 200)
+
+
+def test_train_rounds_budget_keeps_the_rounds_done(tmp_path, monkeypatch):
+    """The budget runs out in round 3 (mlx's worker hangs into the deadline): rounds 1 and 2 stay,
+    round 3 is recorded as a timeout (mlx) and as skipped (jax, not started), round 4 never runs."""
+    rates = {"mlx": {4096: [100, 300, "hang"]}, "jax": {4096: [50, 200]}}
+    tic = time.time()
+    stub, systems, out = run_with_stub(tmp_path, monkeypatch, rates, ["--systems", "mlx,jax", "--seq-lens", "4K",
+                                       "--train-rounds", "4", "--budget-s", "3"])
+    assert time.time() - tic < 20
+    assert stub.calls[-1] == ("mlx", ["train:4096"])                  # jax's round 3 never started
+    assert stub.on_disk_when_hung["records"]["train:4096"]["tokens_per_s_rounds"] == [100, 300]   # saved per round
+    mlx, jax = (systems[n]["records"]["train:4096"] for n in ("mlx", "jax"))
+    assert mlx["tokens_per_s_rounds"] == [100, 300] and mlx["tokens_per_s"] == 200
+    assert jax["tokens_per_s_rounds"] == [50, 200] and jax["tokens_per_s"] == 125
+    assert mlx["round_failures"][0]["round"] == 3 and mlx["round_failures"][0]["timed_out"]
+    assert jax["round_failures"] == [{"round": 3, "status": "skipped", "reason": "time budget exhausted",
+                                      "timed_out": False}]
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert [r["round"] for r in meta["rounds"]] == [2, 3] and not meta["rounds"][-1]["complete"]
+    md = (out / "peers.md").read_text()
+    assert "| mlx / jax training at 4K | 2 | r1 2.00x, r2 1.50x | 1.50x | 1.75x | 2.00x | 2 of 2 |" in md
+    assert "- jax train:4096 round 3: skipped: time budget exhausted" in md
+    assert "- mlx train:4096: round 4 not run (time budget exhausted or run stopped)" in md
+    assert "(r1 100, r2 300; 2 missing)" in md
+
+
+def test_train_rounds_must_be_positive(tmp_path, capsys):
+    from benchmarks.peers import main
+    assert main(["--tiny", "--train-rounds", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--train-rounds must be at least 1" in err and len(err.splitlines()) == 1
+
+
+def test_report_pairs_rounds_of_one_run_only(tmp_path):
+    """Rounds pair within one run; results without rounds (older folders) and rounds of another run
+    merge as before, unpaired."""
+    run, old, other = tmp_path / "run", tmp_path / "old", tmp_path / "other"
+    write_system(run, "mlx", {4096: 0, 32768: 90.0}, ckpt_setting=False, rounds={4096: [100, 300, 200]}, run_id="a")
+    write_system(run, "jax", {4096: 0, 32768: 50.0}, ckpt_setting=False, rounds={4096: [50, 200, 400]}, run_id="a")
+    write_system(old, "torch_ref", {4096: 40.0, 32768: 30.0}, ckpt_setting=False)
+    md, targets = report_lines([run, old])
+    assert targets["mlx / jax training at 4K"]["paired_rounds"]["ratios"] == pytest.approx([2.0, 1.5, 0.5])
+    assert targets["mlx / jax training at 32K"]["paired_rounds"] is None      # no rounds at 32K
+    assert targets["mlx / jax training at 32K"]["value"] == pytest.approx(1.8)
+    assert targets["mlx / torch_ref training at 4K"]["value"] == pytest.approx(5.0)
+    assert targets["mlx / torch_ref training at 4K"]["paired_rounds"] is None
+    assert "| torch_ref | ? | pass 0.0e+00 | pass 0.0e+00 | 40 | 1 | 1.0 | 30 |" in md      # as without rounds
+
+    write_system(other, "mlx", {4096: 0, 32768: 90.0}, ckpt_setting=False, rounds={4096: [100, 100]}, run_id="b")
+    md, targets = report_lines([other, run])
+    assert targets["mlx / jax training at 4K"]["paired_rounds"] is None
+    assert targets["mlx / jax training at 4K"]["value"] == pytest.approx(0.5)
+    assert "- mlx / jax training at 4K: both ran in rounds, but in different runs" in md
+    assert "Paired training rounds" not in md
+
+
+def test_machine_info_records_the_gpu_identity(tmp_path, monkeypatch):
+    from benchmarks.peers import machine_info
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert machine_info()["gpus"] is None and machine_info()["gpu"] is None          # no nvidia-smi
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB, GPU-1234abcd, 00000000:19:00.0'\n")
+    smi.chmod(0o755)
+    info = machine_info()
+    assert info["gpus"] == [{"name": "NVIDIA H200", "memory": "143771 MiB", "uuid": "GPU-1234abcd",
+                             "pci_bus_id": "00000000:19:00.0"}]
+    assert info["gpu"] == "NVIDIA H200, 143771 MiB"
+
+
+# Fakes for one end-to-end run in real worker processes: they stand in for mlx and jax (through
+# $PEERS_EXTRA_SYSTEMS=tests.test_peers:ROUND_SYSTEMS) and return the next of their ``rates`` at each
+# training call, counted in $PEERS_TEST_ROUNDS_DIR across the worker processes.
+class FakeRounds(FakeMLX):
+    framework = "fake-rounds"
+
+    def train(self, seq_len, rows, warmup, steps):
+        import os
+        counter = Path(os.environ["PEERS_TEST_ROUNDS_DIR"]) / f"{self.job['fake_name']}-{seq_len}"
+        calls = int(counter.read_text()) if counter.exists() else 0
+        counter.write_text(str(calls + 1))
+        return {"tokens_per_s": float(self.job["rates"][calls]), "peak_memory_gb": 0.01}
+
+
+ROUND_SYSTEMS = {"mlx": (FakeRounds, {"fake_name": "mlx", "rates": [100, 300]}),
+                 "jax": (FakeRounds, {"fake_name": "jax", "rates": [50, 200]})}
+
+
+def test_train_rounds_in_real_workers(tmp_path, monkeypatch):
+    from benchmarks import peers
+    monkeypatch.setenv(EXTRA_SYSTEMS_ENV, "tests.test_peers:ROUND_SYSTEMS")
+    monkeypatch.setenv("PEERS_TEST_ROUNDS_DIR", str(tmp_path))
+    for name, entry in ROUND_SYSTEMS.items():
+        monkeypatch.setitem(SYSTEMS, name, entry)
+    out, weights = tmp_path / "out", tmp_path / "weights"
+    (weights / "megalodon_upstream").mkdir(parents=True)
+    (weights / "megalodon_upstream" / "consolidated.pth").touch()
+    assert peers.main(["--tiny", "--systems", "mlx,jax", "--seq-lens", "4K", "--contexts", "", "--train-rounds", "2",
+                       "--out", str(out), "--keep-weights", str(weights), "--budget-s", "120"]) == 0
+    # one worker per line: the gate only in the normal pass; round 2 in fresh workers, training only
+    worker_jobs = {n: [line[4:] for line in (out / "logs" / f"{n}.log").read_text().splitlines()
+                       if line.startswith("=== ")] for n in ("mlx", "jax")}
+    assert worker_jobs == {"mlx": ["gate train:4096", "train:4096"], "jax": ["gate", "train:4096", "train:4096"]}
+    recs = {n: json.loads((out / "systems" / f"{n}.json").read_text())["records"]["train:4096"] for n in ROUND_SYSTEMS}
+    assert recs["mlx"]["tokens_per_s_rounds"] == [100, 300] and recs["mlx"]["tokens_per_s"] == 200
+    assert recs["jax"]["tokens_per_s_rounds"] == [50, 200] and recs["jax"]["tokens_per_s"] == 125
+    target = next(t for t in json.loads((out / "peers.json").read_text())["targets"]
+                  if t["what"] == "mlx / jax training at 4K")
+    assert target["paired_rounds"]["ratios"] == pytest.approx([2.0, 1.5])
