@@ -45,6 +45,14 @@ run, e.g. on the H200:
     python3 benchmarks/peers.py --preset mega200M --systems mlx,jax --seq-lens 4K --contexts "" --steps 10 \
         --warmup 2 --train-rounds 3 --budget-s 560 --job-timeout-s 240
 
+Training loop: ``--train-loop synchronous`` (the default) waits for every step before the next
+starts, in every system. ``--train-loop pipelined`` starts each step before waiting for the one
+before, as a real training loop that reads its loss one step late does. mlx_megalodon.train runs
+this way; JAX and PyTorch dispatch asynchronously anyway. The host's work on a step then overlaps
+the device's work on the previous one. That matters most for MLX, whose compiled step call builds
+the step's graph on the host: for mega200M at 8 x 4K this took 24-27 ms per call on this project's
+2-core CPU. Results of the two loops do not merge into one report.
+
 Results of runs with and without ``--mlx-grad-checkpoint`` merge: the MLX systems that trained with
 gradient checkpointing are labelled ``NAME (grad ckpt)``, and the ratio rows pair like with like
 where both were measured and mark any unlike pair.
@@ -71,8 +79,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import llama_baseline  # noqa: E402
-from benchmarks.peers_workers import (FAMILY, ISOLATED, REFERENCE, SYSTEMS, load_extra_systems,  # noqa: E402
-                                      worker_main)
+from benchmarks.peers_workers import (FAMILY, ISOLATED, REFERENCE, SYSTEMS, TRAIN_LOOPS,  # noqa: E402
+                                      load_extra_systems, worker_main)
 from mlx_megalodon.config import ModelArgs, parameter_count, preset  # noqa: E402
 
 ALL_SYSTEMS = list(SYSTEMS)
@@ -136,6 +144,10 @@ def build_parser():
     p.add_argument("--mlx-grad-checkpoint", action="store_true",
                    help="train both MLX systems with gradient checkpointing (the MLX Transformer's full "
                         "attention matrices do not fit otherwise: MLX 0.32's CUDA SDPA has no fused backward)")
+    p.add_argument("--train-loop", default="synchronous", choices=list(TRAIN_LOOPS),
+                   help="synchronous: every system waits for each training step before starting the next; "
+                        "pipelined: each step is started before the previous one is waited for, as a training "
+                        "loop that reads its loss one step late runs (mlx_megalodon.train's does)")
     p.add_argument("--llama-head-dim", type=int, default=64, choices=[64, 128])
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="torch/jax device (MLX uses its default)")
     p.add_argument("--out", default="benchmarks/results/peers", help="output folder")
@@ -183,17 +195,19 @@ def resolve(a) -> dict:
             "seq_lens": seq_lens, "tokens_per_step": a.tokens_per_step, "contexts": contexts,
             "prefill_step": a.prefill_step, "decode_tokens": a.decode_tokens, "steps": a.steps,
             "warmup": a.warmup, "tol_fp32": a.gate_tol_fp32, "tol_bf16": a.gate_tol_bf16, "device": a.device,
-            "gate_only": a.gate_only, "mlx_grad_checkpoint": a.mlx_grad_checkpoint, "train_rounds": a.train_rounds}
+            "gate_only": a.gate_only, "mlx_grad_checkpoint": a.mlx_grad_checkpoint, "train_rounds": a.train_rounds,
+            "train_loop": a.train_loop}
 
 
 # Settings that must agree for two systems' results to share a report. --mlx-grad-checkpoint is not
 # one of them: each system is labelled with how it trained (see trained_with_checkpointing).
 SETTINGS_KEYS = ("model", "mega_args", "llama_args", "tokens_per_step", "prefill_step", "decode_tokens",
-                 "tol_fp32", "tol_bf16")
+                 "tol_fp32", "tol_bf16", "train_loop")
+SETTINGS_DEFAULTS = {"train_loop": "synchronous"}   # what results from before the setting existed used
 
 
 def settings_key(s: dict) -> str:
-    return json.dumps({k: s.get(k) for k in SETTINGS_KEYS}, sort_keys=True)
+    return json.dumps({k: s.get(k, SETTINGS_DEFAULTS.get(k)) for k in SETTINGS_KEYS}, sort_keys=True)
 
 
 # ============================================================================ weights
@@ -432,7 +446,7 @@ def run(a, settings: dict) -> Path:
         families = {FAMILY[s] for s in settings["systems"]}
         tic = time.perf_counter()
         job = {k: settings[k] for k in ("tokens_per_step", "prefill_step", "decode_tokens", "steps", "warmup",
-                                       "tol_fp32", "tol_bf16", "device", "mlx_grad_checkpoint")}
+                                       "tol_fp32", "tol_bf16", "device", "mlx_grad_checkpoint", "train_loop")}
         job["llama_args"] = settings["llama_args"]
         gate_len = mega.chunk_size + mega.chunk_size // 4         # crosses one chunk boundary
         job["gate_tokens"], job["gate_reference"] = {}, {}
@@ -733,7 +747,8 @@ def build_report(dirs: List[Path], out: Path) -> str:
     lines.append(f"Llama baseline: {lla['num_layers']} layers, dim {lla['model_dim']}, {lla['num_heads']} heads "
                  f"of {lla['model_dim'] // lla['num_heads']}, SwiGLU {lla['ffn_hidden_dim']}, untied embeddings. "
                  f"Training: {tps:,} tokens per step, float32 parameters, bf16 compute, AdamW + clip 1.0, median of "
-                 f"{settings['steps']} steps after {settings['warmup']} warm-up steps. Inference: bf16 weights (CEMA and "
+                 f"{settings['steps']} steps after {settings['warmup']} warm-up steps, "
+                 f"{settings.get('train_loop', 'synchronous')} loop (--train-loop). Inference: bf16 weights (CEMA and "
                  f"norms float32), greedy decoding of {settings['decode_tokens']} tokens, batch 1. Gate: "
                  f"max|diff| <= {settings['tol_fp32']:g} (float32) / {settings['tol_bf16']:g} (bf16) x max|logit| of the "
                  f"family reference's float32 logits.")

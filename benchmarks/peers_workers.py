@@ -10,7 +10,8 @@ directory through its own loader; the Llama ones from one .npz) and offers:
 - ``infer(context, prefill_step, decode_tokens)``: read ``context`` random tokens into a fresh cache,
   then decode greedily one token at a time, with bf16 weights.
 
-Timings synchronize the device (``mx.eval`` / ``torch.cuda.synchronize`` / ``block_until_ready``);
+Timings synchronize the device (``mx.eval`` / a CUDA event / ``block_until_ready``), after every
+training step or, with the job's ``train_loop`` "pipelined", one step late (see ``timed_steps``);
 peak memory is reset before each measurement where the framework allows it (JAX cannot reset its
 peak, so ``peers.py`` runs each JAX measurement in its own process).
 
@@ -76,6 +77,35 @@ def prompt_tokens(vocab: int, context: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(1, context)).astype(np.int32)
 
 
+TRAIN_LOOPS = ("synchronous", "pipelined")
+
+
+def timed_steps(queue_step, wait, n: int, pipelined: bool) -> list:
+    """Seconds per training step for ``n`` steps. ``queue_step()`` starts one step and returns a
+    handle that ``wait(handle)`` blocks on until the step is done. Synchronous: each step is waited
+    for before the next starts. Pipelined (how a training loop that reads its loss one step late
+    runs): step i is queued before step i-1 is waited for, so the host prepares a step while the
+    device runs the one before; a step's time is the interval between two completions."""
+    times = []
+    if not pipelined:
+        for _ in range(n):
+            tic = time.perf_counter()
+            wait(queue_step())
+            times.append(time.perf_counter() - tic)
+        return times
+    tic, previous = time.perf_counter(), None
+    for i in range(n):
+        handle = queue_step()
+        if i > 0:   # (a handle may be None: a step that is done once queued)
+            wait(previous)
+            times.append(time.perf_counter() - tic)
+            tic = time.perf_counter()
+        previous = handle
+    wait(previous)
+    times.append(time.perf_counter() - tic)
+    return times
+
+
 def timing_summary(times, warmup: int, tokens: int) -> dict:
     """Median of the timed steps; the first step's excess over it estimates compilation."""
     timed = times[warmup:] or times[-1:]
@@ -127,17 +157,18 @@ class MLXSystem:
         toks = train_tokens(self.vocab, rows, seq_len)
         batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32),
                       np.zeros((rows, seq_len), np.int32))
-        times, losses = [], []
-        for _ in range(warmup + steps):
-            tic = time.perf_counter()
+        losses = []
+
+        def queue_step():
             loss, _, _ = trainer.step([batch])
-            mx.eval(loss, trainer.state)
-            times.append(time.perf_counter() - tic)
+            mx.async_eval(loss, trainer.state)
             losses.append(loss)
+            return loss, trainer.state   # the step is done when its loss and updated state are
+
+        times = timed_steps(queue_step, mx.eval, warmup + steps, self.job.get("train_loop") == "pipelined")
         out = timing_summary(times, warmup, rows * seq_len)
-        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss.item()), first_loss=float(losses[0].item()),
-                   grad_checkpoint=checkpointing)
-        del trainer, model
+        out.update(peak_memory_gb=self.peak_gb(), loss=float(losses[-1].item()), first_loss=float(losses[0].item()),
+                   grad_checkpoint=checkpointing, train_loop=self.job.get("train_loop", "synchronous"))
         return out
 
     def infer(self, context, prefill_step, decode_tokens):
@@ -300,9 +331,10 @@ class TorchSystem:
         forward = self.compiled_forward(model) if self.compile else model
         toks = torch.from_numpy(train_tokens(self.vocab, rows, seq_len)).long().to(self.device)
         inputs, targets = toks[:, :-1], toks[:, 1:]
-        times, losses = [], []
-        for _ in range(warmup + steps):
-            tic = time.perf_counter()
+        losses = []
+        cuda = self.device.type == "cuda"
+
+        def queue_step():
             with self.autocast():
                 logits = forward(inputs)
                 loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
@@ -311,16 +343,20 @@ class TorchSystem:
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            self.sync()
-            times.append(time.perf_counter() - tic)
             losses.append(loss.detach())
-            del logits
+            if not cuda:
+                return None
+            done = torch.cuda.Event()   # one stream: an event waits for this step, not the ones after
+            done.record()
+            return done
+
+        times = timed_steps(queue_step, lambda done: done is not None and done.synchronize(), warmup + steps,
+                            self.job.get("train_loop") == "pipelined")
         out = timing_summary(times, warmup, rows * seq_len)
-        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss.item()), first_loss=float(losses[0].item()),
-                   grad_checkpoint=False)
+        out.update(peak_memory_gb=self.peak_gb(), loss=float(losses[-1].item()), first_loss=float(losses[0].item()),
+                   grad_checkpoint=False, train_loop=self.job.get("train_loop", "synchronous"))
         if self.compile:
             out["compile_mode"] = self.compile_mode()
-        del opt, model, forward
         return out
 
     def infer(self, context, prefill_step, decode_tokens):
@@ -573,16 +609,21 @@ class JaxMegalodon:
 
         step = jax.jit(step, donate_argnums=(0, 1))
         toks = jnp.asarray(train_tokens(self.vocab, rows, seq_len)[:, :seq_len])
-        times, losses = [], []
-        for _ in range(warmup + steps):
-            tic = time.perf_counter()
+        losses = []
+        pipelined = self.job.get("train_loop") == "pipelined"
+
+        def queue_step():
+            nonlocal params, opt
             params, opt, loss = step(params, opt, toks)
-            self.sync((params, opt, loss))
-            times.append(time.perf_counter() - tic)
             losses.append(loss)
+            # The next step donates params and opt, so a pipelined wait can hold the loss only.
+            return loss if pipelined else (params, opt, loss)
+
+        times = timed_steps(queue_step, self.sync, warmup + steps, pipelined)
         out = timing_summary(times, warmup, rows * seq_len)
-        out.update(peak_memory_gb=self.peak_gb(), loss=float(loss), first_loss=float(losses[0]),
+        out.update(peak_memory_gb=self.peak_gb(), loss=float(losses[-1]), first_loss=float(losses[0]),
                    grad_checkpoint=False, optimizer="own AdamW (jax.tree.map)",
+                   train_loop=self.job.get("train_loop", "synchronous"),
                    memory_note="peak since process start (JAX cannot reset it; one process per measurement)")
         return out
 

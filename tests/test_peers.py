@@ -340,6 +340,46 @@ def test_torch_ref_compile_keeps_cema_and_timestep_norm_eager(gate_job):
     assert compiled["loss"] < compiled["first_loss"]          # the update took
 
 
+def test_timed_steps_pipelined_waits_one_step_late():
+    """timed_steps: synchronous waits for each step before queueing the next; pipelined queues step
+    i before waiting for step i-1 (and waits for the last one at the end); one time per step."""
+    from benchmarks.peers_workers import timed_steps
+    for pipelined, want in ((False, ["q0", "w0", "q1", "w1", "q2", "w2"]),
+                            (True, ["q0", "q1", "w0", "q2", "w1", "w2"])):
+        events, n = [], iter(range(3))
+
+        def queue():
+            i = next(n)
+            events.append(f"q{i}")
+            return i
+        times = timed_steps(queue, lambda i: events.append(f"w{i}"), 3, pipelined)
+        assert events == want and len(times) == 3 and all(t >= 0 for t in times)
+    # handles may be None (a step that is done once queued, as torch's on a CPU)
+    assert len(timed_steps(lambda: None, lambda h: None, 3, True)) == 3
+
+
+@pytest.mark.parametrize("name", ["mlx", "torch_ref", "jax"])
+def test_pipelined_training_loop_trains_the_same_steps(gate_job, name):
+    """--train-loop pipelined changes only when each step is waited for: every system trains the
+    same steps (the same first and last loss as synchronous) and says which loop it ran. JAX
+    donates the step's parameters, so its pipelined wait holds the loss only."""
+    if name == "jax":
+        pytest.importorskip("megalodon_jax")
+    _, job, _ = gate_job
+    results = {}
+    for loop in ("synchronous", "pipelined"):
+        cls, extra = SYSTEMS[name]
+        system = cls()
+        system.setup({**job, **extra, "train_loop": loop})
+        results[loop] = system.train(32, 2, 1, 2)
+    sync, piped = results["synchronous"], results["pipelined"]
+    assert sync["train_loop"] == "synchronous" and piped["train_loop"] == "pipelined"
+    assert piped["timed_steps"] == sync["timed_steps"] == 2
+    assert piped["first_loss"] == pytest.approx(sync["first_loss"], rel=1e-6)
+    assert piped["loss"] == pytest.approx(sync["loss"], rel=1e-6)
+    assert piped["loss"] != sync["first_loss"]                  # the updates took
+
+
 # ============================================================================ report: grad ckpt labels
 def write_system(folder: Path, name: str, train: dict, ckpt_setting: bool, record_flag=None, rounds=None,
                  run_id=None) -> None:
