@@ -50,8 +50,9 @@ starts, in every system. ``--train-loop pipelined`` starts each step before wait
 before, as a real training loop that reads its loss one step late does. mlx_megalodon.train runs
 this way; JAX and PyTorch dispatch asynchronously anyway. The host's work on a step then overlaps
 the device's work on the previous one. That matters most for MLX, whose compiled step call builds
-the step's graph on the host: for mega200M at 8 x 4K this took 24-27 ms per call on this project's
-2-core CPU. Results of the two loops do not merge into one report.
+the step's graph on the host. For mega200M at 8 x 4K this took 24-28 ms per call on this project's
+2-core CPU. That graph holds the CPU's pure-ops CEMA and TimestepNorm; on a GPU the kernels make it
+smaller, by an amount not yet measured. Results of the two loops do not merge into one report.
 
 Results of runs with and without ``--mlx-grad-checkpoint`` merge: the MLX systems that trained with
 gradient checkpointing are labelled ``NAME (grad ckpt)``, and the ratio rows pair like with like

@@ -20,8 +20,9 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
   no-ce-kernel default dispatch with the fused cross-entropy kernels forced off (MEGALODON_CE_KERNEL=0)
 ``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
 ``--pipelined`` times the steps as the project's training loop runs them: each step is queued before
-the previous one's loss is read, so building a step's graph on the host (about 24-55 ms per call for
-mega200M at 8 x 4K on this project's 2-core CPU) overlaps the device's work on the step before. The
+the previous one's loss is read, so building a step's graph on the host overlaps the device's work
+on the step before. That graph build took 24-28 ms per call for mega200M at 8 x 4K on this project's
+2-core CPU, with the pure-ops CEMA and TimestepNorm; a GPU's graph, with the kernels, is smaller. The
 default evaluates every step before the next is built, as megalodon-jax's step is timed in
 ``peers.py``; with it the device waits while the host builds each step.
 ``--fresh-process`` runs every measurement in a process of its own (same options): on the H200 the
