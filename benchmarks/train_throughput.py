@@ -22,7 +22,8 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
 ``--pipelined`` times the steps as the project's training loop runs them: each step is queued before
 the previous one's loss is read, so building a step's graph on the host overlaps the device's work
 on the step before. That graph build took 24-28 ms per call for mega200M at 8 x 4K on this project's
-2-core CPU, with the pure-ops CEMA and TimestepNorm; a GPU's graph, with the kernels, is smaller. The
+2-core CPU, with the pure-ops CEMA and TimestepNorm; a GPU's graph, with the kernels, is smaller. Each
+row reports that host time (``host_call_s``, the median trainer.step call before evaluation). The
 default evaluates every step before the next is built, as megalodon-jax's step is timed in
 ``peers.py``; with it the device waits while the host builds each step.
 ``--fresh-process`` runs every measurement in a process of its own (same options): on the H200 the
@@ -49,12 +50,31 @@ from mlx_megalodon.data import Batch  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E402
 from benchmarks.long_context import device_name  # noqa: E402
+from benchmarks.peers_workers import timed_steps  # noqa: E402
 
 
 VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel")
 # The kernel switches a variant forces (every other variant leaves them to the default dispatch).
 VARIANT_SWITCHES = {"tnorm": ("MEGALODON_TNORM_KERNEL", "1"), "no-tnorm": ("MEGALODON_TNORM_KERNEL", "0"),
                     "ce-kernel": ("MEGALODON_CE_KERNEL", "1"), "no-ce-kernel": ("MEGALODON_CE_KERNEL", "0")}
+
+
+def run_steps(trainer, batch, n, pipelined):
+    """``n`` training steps on ``batch``: (seconds per step, seconds of each trainer.step call, the
+    last loss). The call builds the step's graph on the host; pipelined, as mlx_megalodon.train's
+    loop runs, step i is queued before step i-1 is waited for (peers_workers.timed_steps)."""
+    calls, losses = [], []
+
+    def queue_step():
+        tic = time.perf_counter()
+        loss, _, _ = trainer.step([batch])
+        calls.append(time.perf_counter() - tic)
+        mx.async_eval(loss, trainer.state)
+        losses.append(loss)
+        return loss, trainer.state   # the step is done when these are
+
+    times = timed_steps(queue_step, mx.eval, n, pipelined)
+    return times, calls, losses[-1]
 
 
 def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",
@@ -76,36 +96,16 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     if packed_doc_len:
         segments += (np.arange(seq_len, dtype=np.int32) // packed_doc_len)[None]
     batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32), segments)
-    times = []
     mx.synchronize()
     mx.reset_peak_memory()
-    if pipelined:
-        # As mlx_megalodon.train's loop runs: step n is queued (async_eval) before step n-1's loss
-        # is read, so the host builds step n's graph while the device still runs step n-1. A step's
-        # time is the interval between two completions.
-        tic, previous = time.perf_counter(), None
-        for i in range(warmup + steps):
-            loss, ntoks, norm = trainer.step([batch])
-            mx.async_eval(loss, trainer.state)
-            if previous is not None:
-                previous.item()
-                times.append(time.perf_counter() - tic)
-                tic = time.perf_counter()
-            previous = loss
-        mx.eval(loss, trainer.state)
-        times.append(time.perf_counter() - tic)
-    else:
-        for i in range(warmup + steps):
-            tic = time.perf_counter()
-            loss, ntoks, norm = trainer.step([batch])
-            mx.eval(loss, trainer.state)
-            times.append(time.perf_counter() - tic)
+    times, calls, loss = run_steps(trainer, batch, warmup + steps, pipelined)
     t = float(np.median(times[warmup:]))
     out = {"variant": variant, "seq_len": seq_len, "rows": rows, "tokens_per_step": rows * seq_len, "step_s": t,
            "step_s_all": times[warmup:], "first_step_s": times[0], "tokens_per_s": rows * seq_len / t,
            "peak_memory_gb": mx.get_peak_memory() / 1e9, "loss": float(loss.item()),
            "grad_checkpoint": grad_checkpoint, "packed_doc_len": packed_doc_len, "pid": os.getpid(),
-           "loop": "pipelined" if pipelined else "synchronous"}
+           "loop": "pipelined" if pipelined else "synchronous",
+           "host_call_s": float(np.median(calls[warmup:])), "host_call_s_all": calls[warmup:]}
     del trainer, model
     mx.clear_cache()
     return out
@@ -199,7 +199,8 @@ def main():
             gpu = f"  GPU {r['gpu_after']}" if r["gpu_after"] else ""
             print(f"{variant:>11s} seq {L:>7,d} x {rows:>3d} rows: {r['tokens_per_s']:>10,.0f} tok/s  "
                   f"step {r['step_s']:.3f} s  first step {r['first_step_s']:.1f} s  "
-                  f"peak {r['peak_memory_gb']:.2f} GB  loss {r['loss']:.3f}{gpu}", flush=True)
+                  f"peak {r['peak_memory_gb']:.2f} GB  loss {r['loss']:.3f}  "
+                  f"host graph {r['host_call_s'] * 1e3:.1f} ms{gpu}", flush=True)
             if a.rounds > 1:
                 summary = summarize_rounds(rows_out)
             if a.out:  # after every measurement, so a run cut short keeps what it measured

@@ -148,4 +148,5 @@ def test_train_throughput_pipelined_loop_trains_the_same_steps(tmp_path):
         outs[mode] = json.loads(out.read_text())["results"][0]
     for mode, row in outs.items():
         assert row["loop"] == mode and len(row["step_s_all"]) == 3 and all(t > 0 for t in row["step_s_all"])
+        assert len(row["host_call_s_all"]) == 3 and 0 < row["host_call_s"] < row["step_s"] * 3
     assert outs["pipelined"]["loss"] == outs["synchronous"]["loss"]
