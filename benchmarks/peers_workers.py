@@ -106,6 +106,23 @@ def timed_steps(queue_step, wait, n: int, pipelined: bool) -> list:
     return times
 
 
+def mlx_trainer_steps(trainer, batch, n: int, pipelined: bool):
+    """``n`` steps of an mlx_megalodon Trainer on ``batch`` through timed_steps: (seconds per step,
+    seconds of each trainer.step call, the losses). The call builds the step's graph on the host."""
+    import mlx.core as mx
+    calls, losses = [], []
+
+    def queue_step():
+        tic = time.perf_counter()
+        loss, _, _ = trainer.step([batch])
+        calls.append(time.perf_counter() - tic)
+        mx.async_eval(loss, trainer.state)
+        losses.append(loss)
+        return loss, trainer.state   # the step is done when its loss and updated state are
+
+    return timed_steps(queue_step, mx.eval, n, pipelined), calls, losses
+
+
 def timing_summary(times, warmup: int, tokens: int) -> dict:
     """Median of the timed steps; the first step's excess over it estimates compilation."""
     timed = times[warmup:] or times[-1:]
@@ -157,15 +174,7 @@ class MLXSystem:
         toks = train_tokens(self.vocab, rows, seq_len)
         batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32),
                       np.zeros((rows, seq_len), np.int32))
-        losses = []
-
-        def queue_step():
-            loss, _, _ = trainer.step([batch])
-            mx.async_eval(loss, trainer.state)
-            losses.append(loss)
-            return loss, trainer.state   # the step is done when its loss and updated state are
-
-        times = timed_steps(queue_step, mx.eval, warmup + steps, self.job.get("train_loop") == "pipelined")
+        times, _, losses = mlx_trainer_steps(trainer, batch, warmup + steps, self.job.get("train_loop") == "pipelined")
         out = timing_summary(times, warmup, rows * seq_len)
         out.update(peak_memory_gb=self.peak_gb(), loss=float(losses[-1].item()), first_loss=float(losses[0].item()),
                    grad_checkpoint=checkpointing, train_loop=self.job.get("train_loop", "synchronous"))

@@ -36,7 +36,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -50,31 +49,13 @@ from mlx_megalodon.data import Batch  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E402
 from benchmarks.long_context import device_name  # noqa: E402
-from benchmarks.peers_workers import timed_steps  # noqa: E402
+from benchmarks.peers_workers import mlx_trainer_steps  # noqa: E402
 
 
 VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel")
 # The kernel switches a variant forces (every other variant leaves them to the default dispatch).
 VARIANT_SWITCHES = {"tnorm": ("MEGALODON_TNORM_KERNEL", "1"), "no-tnorm": ("MEGALODON_TNORM_KERNEL", "0"),
                     "ce-kernel": ("MEGALODON_CE_KERNEL", "1"), "no-ce-kernel": ("MEGALODON_CE_KERNEL", "0")}
-
-
-def run_steps(trainer, batch, n, pipelined):
-    """``n`` training steps on ``batch``: (seconds per step, seconds of each trainer.step call, the
-    last loss). The call builds the step's graph on the host; pipelined, as mlx_megalodon.train's
-    loop runs, step i is queued before step i-1 is waited for (peers_workers.timed_steps)."""
-    calls, losses = [], []
-
-    def queue_step():
-        tic = time.perf_counter()
-        loss, _, _ = trainer.step([batch])
-        calls.append(time.perf_counter() - tic)
-        mx.async_eval(loss, trainer.state)
-        losses.append(loss)
-        return loss, trainer.state   # the step is done when these are
-
-    times = timed_steps(queue_step, mx.eval, n, pipelined)
-    return times, calls, losses[-1]
 
 
 def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",
@@ -98,7 +79,9 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32), segments)
     mx.synchronize()
     mx.reset_peak_memory()
-    times, calls, loss = run_steps(trainer, batch, warmup + steps, pipelined)
+    # pipelined: as mlx_megalodon.train's loop runs, step n is queued before step n-1 is waited for
+    times, calls, losses = mlx_trainer_steps(trainer, batch, warmup + steps, pipelined)
+    loss = losses[-1]
     t = float(np.median(times[warmup:]))
     out = {"variant": variant, "seq_len": seq_len, "rows": rows, "tokens_per_step": rows * seq_len, "step_s": t,
            "step_s_all": times[warmup:], "first_step_s": times[0], "tokens_per_s": rows * seq_len / t,
