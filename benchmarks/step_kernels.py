@@ -18,9 +18,11 @@ overlap or launch gaps; compare it with the step time train_throughput.py measur
 
 Status: the summary is tested (tests/test_benchmark_scripts.py); the profiled step has not produced
 a table yet. Its one run on the H200 (fifth session, the command above) stopped at the step's first
-kernel with `==ERROR== Failed to profile "copy_v"`. Not yet tried: `--replay-mode application`
-(one metric needs one pass, so nothing has to be saved and restored around a kernel) and
-`--graph-profiling graph` (MLX's CUDA backend launches kernels through CUDA graphs).
+kernel with `==ERROR== Failed to profile "copy_v"`. The seventh session tried
+`--replay-mode application` (one pass per metric, nothing saved and restored around a kernel): the
+same error, and the run then hung until its 200 s limit. Not yet tried: `--graph-profiling graph`
+(MLX's CUDA backend launches kernels through CUDA graphs). `benchmarks/train_profile.py` times the
+step's pieces without a profiler and has run on the H200.
 """
 from __future__ import annotations
 
