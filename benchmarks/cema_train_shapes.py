@@ -58,8 +58,10 @@ def main(argv=None):
         if K.gpu_backend() is None:
             sys.exit("needs a GPU backend (MLX with CUDA or Metal), or --cpu-emulation")
         shapes, dtype = [(8, 4096, 1024), (1, 32768, 1024)], mx.bfloat16
-        grid = {"FWD_MAX_NPT": (8, 16), "BWD_MAX_NPT": (2, 4, 8),
-                "TARGET_THREADS": (66 * 1024, 132 * 1024, 264 * 1024, 528 * 1024), "MIN_CHUNK": (32, 64, 128, 256)}
+        # 16K-32K threads: at 8 x 4K with 4 dims per thread, one chunk per row (a single launch
+        # each way, no local pass, no combine); the first run (seventh session) went down to 66K only.
+        grid = {"FWD_MAX_NPT": (4, 8, 16), "BWD_MAX_NPT": (2, 4, 8),
+                "TARGET_THREADS": (16 * 1024, 32 * 1024, 66 * 1024, 132 * 1024, 264 * 1024), "MIN_CHUNK": (32, 128)}
     defaults = {name: getattr(K, name) for name in SETTINGS}
     results = {"backend": K.gpu_backend() or "cpu-emulation", "defaults": defaults, "rows": []}
     t0 = time.time()
