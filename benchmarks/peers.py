@@ -81,7 +81,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import llama_baseline  # noqa: E402
 from benchmarks.peers_workers import (FAMILY, ISOLATED, REFERENCE, SYSTEMS, TRAIN_LOOPS,  # noqa: E402
-                                      load_extra_systems, worker_main)
+                                      load_extra_systems, nvidia_smi_lines, worker_main)
 from mlx_megalodon.config import ModelArgs, parameter_count, preset  # noqa: E402
 
 ALL_SYSTEMS = list(SYSTEMS)
@@ -391,13 +391,8 @@ GPU_QUERY = ("name", "memory.total", "uuid", "pci.bus_id")
 def gpu_identity() -> Optional[List[dict]]:
     """Each GPU's name, memory, UUID and PCI bus id from nvidia-smi (None without it): the UUID tells
     one machine instance of a GPU model from another, whose throughput can differ by a few percent."""
-    try:
-        text = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_QUERY)}", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
     gpus = []
-    for line in text.splitlines():
+    for line in nvidia_smi_lines(",".join(GPU_QUERY)):
         fields = [f.strip() for f in line.split(",")]
         if len(fields) == len(GPU_QUERY):
             gpus.append(dict(zip(("name", "memory", "uuid", "pci_bus_id"), fields)))

@@ -77,6 +77,18 @@ def prompt_tokens(vocab: int, context: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(1, context)).astype(np.int32)
 
 
+def nvidia_smi_lines(query: str, timeout: float = 20) -> list:
+    """nvidia-smi's CSV lines (one per GPU) for ``--query-gpu=QUERY``; [] where there is no
+    nvidia-smi or it fails."""
+    import subprocess
+    try:
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return r.stdout.strip().splitlines() if r.returncode == 0 else []
+
+
 TRAIN_LOOPS = ("synchronous", "pipelined")
 
 

@@ -49,7 +49,7 @@ from mlx_megalodon.data import Batch  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E402
 from benchmarks.long_context import device_name  # noqa: E402
-from benchmarks.peers_workers import mlx_trainer_steps  # noqa: E402
+from benchmarks.peers_workers import mlx_trainer_steps, nvidia_smi_lines  # noqa: E402
 
 
 VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel")
@@ -233,12 +233,8 @@ def summarize_rounds(rows_out):
 
 def nvidia_smi(query: str) -> str:
     """GPU 0's answer to ``nvidia-smi --query-gpu=QUERY``, or '' where there is no nvidia-smi."""
-    try:
-        r = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+    lines = nvidia_smi_lines(query, timeout=10)
+    return lines[0] if lines else ""
 
 
 def gpu_state() -> str:
