@@ -59,6 +59,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import distributed as dist
+from .linear import Linear
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -131,11 +132,11 @@ def _base_dtype(layer) -> mx.Dtype:
 
 
 def _rebuild(layer, weight: mx.array, dequantize: bool) -> nn.Module:
-    """A fresh nn.Linear with ``weight`` (and the base's bias), re-quantized like ``layer`` was
+    """A fresh linear layer with ``weight`` (and the base's bias), re-quantized like ``layer`` was
     unless ``dequantize``."""
     out_dims, in_dims = weight.shape
     has_bias = "bias" in layer
-    fused = nn.Linear(in_dims, out_dims, bias=has_bias)
+    fused = Linear(in_dims, out_dims, bias=has_bias)
     fused.weight = weight.astype(_base_dtype(layer))
     if has_bias:
         fused.bias = layer.bias

@@ -12,6 +12,7 @@ from .cache import MegalodonCache
 from .complex_exponential_moving_average import MultiHeadComplexEMA
 from .config import ModelArgs
 from .layer_norm import RMSNorm
+from .linear import Linear
 from .rotary_positional_embedding import apply_rope, rope_periods
 from .timestep_norm import TimestepNorm
 
@@ -156,10 +157,10 @@ class MovingAverageGatedAttention(nn.Module):
         self.timenorm = TimestepNorm(D, args.norm_num_groups, eps=args.norm_eps)
         self.cema = MultiHeadComplexEMA(D, args.cema_ndim)
         self.rmsnorm = RMSNorm(D, eps=args.norm_eps)
-        self.wv = nn.Linear(D, E)
-        self.wz = nn.Linear(D, Z)
-        self.wr = nn.Linear(D, E)
-        self.wh1 = nn.Linear(D, D)
+        self.wv = Linear(D, E)
+        self.wz = Linear(D, Z)
+        self.wr = Linear(D, E)
+        self.wh1 = Linear(D, D)
         self.wh2 = nn.Linear(E, D, bias=False)
         self.gamma = mx.zeros((2, Z))
         self.beta = mx.zeros((2, Z))

@@ -191,7 +191,7 @@ def test_fused_model_equals_base_plus_adapter(model_dir, tmp_path, fine_tune_typ
     assert np.abs(want - base_logits).max() > 1e-2                     # the adapter is not trivial
     dst = fuse(model_dir, ad, tmp_path / "fused")
     fused, tok = load(dst)
-    assert type(fused.layers[0].mega.wz) is nn.Linear
+    assert isinstance(fused.layers[0].mega.wz, nn.Linear)             # a plain layer again, no adapter
     assert set(dict(tree_flatten(fused.parameters()))) == set(dict(tree_flatten(base.parameters())))
     got = np.array(fused(TOKS))
     assert np.abs(got - want).max() < 1e-5
@@ -209,7 +209,7 @@ def test_qlora_fuse_requantizes_or_dequantizes(model_dir, tmp_path, capsys):
     assert fuse_main(["--model", str(qdir), "--adapter-path", str(ad), "--save-path", str(tmp_path / "deq"),
                       "--de-quantize"]) == 0
     deq, _ = load(tmp_path / "deq")
-    assert deq.args.quantization is None and type(deq.layers[0].mega.wz) is nn.Linear
+    assert deq.args.quantization is None and isinstance(deq.layers[0].mega.wz, nn.Linear)
     assert "quantization" not in json.loads((tmp_path / "deq" / "config.json").read_text())
     assert np.abs(np.array(deq(TOKS)) - want).max() < 1e-4
 
