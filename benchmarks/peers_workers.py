@@ -120,19 +120,23 @@ def timed_steps(queue_step, wait, n: int, pipelined: bool) -> list:
 
 def mlx_trainer_steps(trainer, batch, n: int, pipelined: bool):
     """``n`` steps of an mlx_megalodon Trainer on ``batch`` through timed_steps: (seconds per step,
-    seconds of each trainer.step call, the losses). The call builds the step's graph on the host."""
+    seconds of each trainer.step call, the losses, seconds of each mx.async_eval call). The step
+    call builds the step's graph on the host; async_eval then encodes and launches its kernels, and
+    returns when it has (on the H200 only near the end of the step's GPU work: see BENCHMARKS.md)."""
     import mlx.core as mx
-    calls, losses = [], []
+    calls, losses, evals = [], [], []
 
     def queue_step():
         tic = time.perf_counter()
         loss, _, _ = trainer.step([batch])
-        calls.append(time.perf_counter() - tic)
+        built = time.perf_counter()
+        calls.append(built - tic)
         mx.async_eval(loss, trainer.state)
+        evals.append(time.perf_counter() - built)
         losses.append(loss)
         return loss, trainer.state   # the step is done when its loss and updated state are
 
-    return timed_steps(queue_step, mx.eval, n, pipelined), calls, losses
+    return timed_steps(queue_step, mx.eval, n, pipelined), calls, losses, evals
 
 
 def timing_summary(times, warmup: int, tokens: int) -> dict:
@@ -186,7 +190,7 @@ class MLXSystem:
         toks = train_tokens(self.vocab, rows, seq_len)
         batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32),
                       np.zeros((rows, seq_len), np.int32))
-        times, _, losses = mlx_trainer_steps(trainer, batch, warmup + steps, self.job.get("train_loop") == "pipelined")
+        times, _, losses, _ = mlx_trainer_steps(trainer, batch, warmup + steps, self.job.get("train_loop") == "pipelined")
         out = timing_summary(times, warmup, rows * seq_len)
         out.update(peak_memory_gb=self.peak_gb(), loss=float(losses[-1].item()), first_loss=float(losses[0].item()),
                    grad_checkpoint=checkpointing, train_loop=self.job.get("train_loop", "synchronous"))

@@ -1,28 +1,32 @@
-"""Where a training step's GPU time goes, kernel by kernel (NVIDIA, through Nsight Compute).
+"""Where a training step's GPU time goes, kernel by kernel (NVIDIA).
 
-Two modes:
+Three modes:
 
-  step (default)  build the model and trainer as benchmarks/train_throughput.py does, run the warm-up
-                  steps, then one step between cudaProfilerStart / cudaProfilerStop, so that
-                  Nsight Compute records that step's kernels only:
+  --torch-profiler CSV  build the model and trainer as benchmarks/train_throughput.py does (one
+                  document per row), run the warm-up steps, then record one step's kernels with
+                  torch's profiler: CUPTI sees MLX's kernels too, those inside CUDA graphs one by
+                  one. Writes each kernel's name, duration, start and stream, then:
+
+      python3 benchmarks/step_kernels.py --torch-profiler step.csv
+      python3 benchmarks/step_kernels.py --summarize step.csv
+
+  step (default)  the same step between cudaProfilerStart / cudaProfilerStop, for Nsight Compute:
 
       ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum \\
           --csv --page raw python3 benchmarks/step_kernels.py --seq-len 4096 --rows 8 > step.csv
 
   --summarize CSV  group the recorded kernels (GEMM, CEMA, attention, TimestepNorm, cross entropy,
                   the rest by name) and print a markdown table of milliseconds per group, largest
-                  first, with the top kernels of each; ``--json`` writes the same as JSON.
+                  first, with the top kernels of each; ``--json`` writes the same as JSON. With the
+                  torch profiler's start times it also prints the timeline: the span of the step's
+                  kernels, how much of it had a kernel running, and the largest idle gaps.
 
-Nsight Compute runs the kernels one at a time, so the sum is the step's GPU busy time without
-overlap or launch gaps; compare it with the step time train_throughput.py measures.
-
-Status: the summary is tested (tests/test_benchmark_scripts.py); the profiled step has not produced
-a table yet. Its one run on the H200 (fifth session, the command above) stopped at the step's first
-kernel with `==ERROR== Failed to profile "copy_v"`. The seventh session tried
-`--replay-mode application` (one pass per metric, nothing saved and restored around a kernel): the
-same error, and the run then hung until its 200 s limit. Not yet tried: `--graph-profiling graph`
-(MLX's CUDA backend launches kernels through CUDA graphs). `benchmarks/train_profile.py` times the
-step's pieces without a profiler and has run on the H200.
+Kernels of one CUDA graph can run concurrently, so the per-kernel sum exceeds the span (eighth
+session: 181.9 ms of kernels in a 148.5 ms span), and a kernel's duration grows when it shares the
+GPU. The torch profiler mode ran on the H200 in the eighth session (BENCHMARKS.md). Nsight Compute
+never produced a table here: `==ERROR== Failed to profile "copy_v"` at the step's first kernel, with
+and without `--replay-mode application`; and Nsight Systems on that machine lacks the importer that
+turns its capture into a report.
 """
 from __future__ import annotations
 
@@ -63,7 +67,8 @@ def group_of(name: str) -> str:
 
 
 def read_ncu_csv(path: str):
-    """(kernel name, ns) per recorded launch from `ncu --csv --page raw --metrics gpu__time_duration.sum`."""
+    """(kernel name, ns, start ns or None) per recorded launch from `ncu --csv --page raw --metrics
+    gpu__time_duration.sum`, or from --torch-profiler's CSV (which adds a start_ns column)."""
     text = Path(path).read_text(errors="replace")
     start = text.find('"ID"')
     if start < 0:
@@ -74,29 +79,56 @@ def read_ncu_csv(path: str):
         name_col, time_col = header.index("Kernel Name"), header.index("gpu__time_duration.sum")
     except ValueError:
         raise SystemExit(f"{path}: expected columns 'Kernel Name' and 'gpu__time_duration.sum'")
+    start_col = header.index("start_ns") if "start_ns" in header else None
     out = []
     for row in rows[1:]:
-        if len(row) <= max(name_col, time_col):
+        if len(row) <= max(name_col, time_col, start_col or 0):
             continue
         value = row[time_col].replace(",", "")
         try:
-            out.append((row[name_col], float(value)))
+            out.append((row[name_col], float(value), None if start_col is None else float(row[start_col])))
         except ValueError:                       # the units row under the header
             continue
     return out
+
+
+def busy_summary(launches):
+    """From (name, ns, start ns) launches: the span from the first start to the last end, the time
+    at least one kernel ran, and the largest idle gaps (ms, and where they begin)."""
+    spans = sorted((start, start + ns) for _, ns, start in launches)
+    busy, gaps = 0.0, []
+    run_start, run_end = spans[0]
+    for start, end in spans[1:]:
+        if start > run_end:
+            busy += run_end - run_start
+            gaps.append((start - run_end, run_end))
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+    busy += run_end - run_start
+    span = run_end - spans[0][0]
+    gaps.sort(reverse=True)
+    return {"span_ms": span / 1e6, "busy_ms": busy / 1e6, "idle_ms": (span - busy) / 1e6,
+            "largest_gaps": [{"ms": g / 1e6, "at_ms": (at - spans[0][0]) / 1e6} for g, at in gaps[:5]]}
 
 
 def summarize(path: str, json_out: str | None):
     launches = read_ncu_csv(path)
     unit = 1e-6                                   # ns -> ms
     groups = defaultdict(lambda: {"ms": 0.0, "launches": 0, "kernels": defaultdict(float)})
-    for name, ns in launches:
+    for name, ns, _ in launches:
         g = groups[group_of(name)]
         g["ms"] += ns * unit
         g["launches"] += 1
         g["kernels"][name.split("(")[0][:90]] += ns * unit
     total = sum(g["ms"] for g in groups.values())
-    print(f"{len(launches)} kernel launches, {total:.1f} ms of GPU time ({path})\n")
+    print(f"{len(launches)} kernel launches, {total:.1f} ms of GPU time ({path})")
+    timeline = busy_summary(launches) if all(start is not None for _, _, start in launches) else None
+    if timeline:
+        gaps = ", ".join(f"{g['ms']:.1f} ms at {g['at_ms']:.1f}" for g in timeline["largest_gaps"][:3])
+        print(f"timeline: {timeline['span_ms']:.1f} ms from first start to last end, a kernel running in "
+              f"{timeline['busy_ms']:.1f} of them, idle {timeline['idle_ms']:.1f} (largest gaps: {gaps})")
+    print()
     print("| group | ms | share | launches | largest kernels (ms) |")
     print("|---|---|---|---|---|")
     summary = []
@@ -107,8 +139,8 @@ def summarize(path: str, json_out: str | None):
         summary.append({"group": name, "ms": g["ms"], "launches": g["launches"],
                         "top": [{"kernel": k, "ms": v} for k, v in top]})
     if json_out:
-        Path(json_out).write_text(json.dumps({"total_ms": total, "launches": len(launches), "groups": summary},
-                                             indent=2) + "\n")
+        Path(json_out).write_text(json.dumps({"total_ms": total, "launches": len(launches), "groups": summary,
+                                              "timeline": timeline}, indent=2) + "\n")
 
 
 def cuda_profiler():
@@ -126,6 +158,48 @@ def cuda_profiler():
     raise SystemExit("no libcudart found for cudaProfilerStart (looked in /usr/local/cuda and site-packages)")
 
 
+def write_kernel_csv(events, csv_out: str):
+    """The GPU kernels (and copies) of a Chrome trace's events, in start order, as the CSV layout
+    --summarize reads (ID, Kernel Name, gpu__time_duration.sum in ns) plus each one's start (ns
+    after the first) and stream, from which overlap and idle time can be read."""
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e.get("ts", 0))
+    if not kernels:
+        raise SystemExit("torch's profiler recorded no GPU kernel (CUPTI did not see MLX's launches)")
+    span_ms = (max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]) / 1e3
+    with open(csv_out, "w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(["ID", "Kernel Name", "gpu__time_duration.sum", "start_ns", "stream"])
+        for i, e in enumerate(kernels):
+            w.writerow([i, e["name"], f"{e['dur'] * 1e3:.0f}", f"{(e['ts'] - kernels[0]['ts']) * 1e3:.0f}",
+                        e.get("args", {}).get("stream", "")])
+    print(f"{len(kernels)} kernels over {span_ms:.1f} ms from first start to last end -> {csv_out}",
+          file=sys.stderr)
+
+
+def torch_kernel_recorder(csv_out: str):
+    """(start, stop) that record every GPU kernel of this process through torch's profiler (CUPTI).
+
+    CUPTI sees the kernels of every library in the process, MLX's included, and reports the
+    kernels inside CUDA graphs one by one; stop() writes them as the same CSV layout that
+    --summarize reads from Nsight Compute (ID, Kernel Name, gpu__time_duration.sum in ns).
+    """
+    import tempfile
+    import torch
+    torch.zeros(1, device="cuda")                # a CUDA context for the profiler to attach to
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+
+    def stop():
+        prof.stop()
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text()).get("traceEvents", [])
+        write_kernel_csv(events, csv_out)
+
+    return prof.start, stop
+
+
 def profile_step(a):
     import mlx.core as mx
     import numpy as np
@@ -135,10 +209,13 @@ def profile_step(a):
     from mlx_megalodon.mega import Model
     from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer
 
-    start, stop = cuda_profiler()
+    start, stop = torch_kernel_recorder(a.torch_profiler) if a.torch_profiler else cuda_profiler()
     mx.random.seed(0)
     model = Model(preset(a.preset))
-    cfg = TrainConfig(seq_len=a.seq_len, batch_size=a.rows, compute_dtype=a.dtype, compile=True)
+    # one document per row, as train_throughput.py and peers.py measure (document_resets would
+    # take the packed-documents attention path, a slower step)
+    cfg = TrainConfig(seq_len=a.seq_len, batch_size=a.rows, compute_dtype=a.dtype, compile=True,
+                      document_resets=False)
     trainer = Trainer(model, build_optimizer(cfg), cfg)
     rng = np.random.default_rng(0)
     toks = rng.integers(0, model.args.vocab_size, size=(a.rows, a.seq_len + 1)).astype(np.int32)
@@ -159,6 +236,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--summarize", metavar="CSV", help="summarize an ncu --csv --page raw file instead")
     p.add_argument("--json", help="with --summarize: also write the groups as JSON here")
+    p.add_argument("--torch-profiler", metavar="CSV",
+                   help="record the step's kernels with torch's profiler (CUPTI) into CSV, no Nsight needed")
     p.add_argument("--preset", default="mega200M")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--rows", type=int, default=8)

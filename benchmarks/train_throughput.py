@@ -23,8 +23,10 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
 the previous one's loss is read, so building a step's graph on the host overlaps the device's work
 on the step before. That graph build took 24-28 ms per call for mega200M at 8 x 4K on this project's
 2-core CPU, with the pure-ops CEMA and TimestepNorm; a GPU's graph, with the kernels, is smaller. Each
-row reports that host time (``host_call_s``, the median trainer.step call before evaluation). The
-default evaluates every step before the next is built, as megalodon-jax's step is timed in
+row reports that host time (``host_call_s``, the median trainer.step call before evaluation) and
+the median ``mx.async_eval`` call (``host_eval_call_s``). On the H200 that call returned only about
+18 ms before the step's end (eighth session), so the pipelined loop cannot hide the graph build
+there and measured the same as the synchronous one. The default evaluates every step before the next is built, as megalodon-jax's step is timed in
 ``peers.py``; with it the device waits while the host builds each step.
 ``--fresh-process`` runs every measurement in a process of its own (same options): on the H200 the
 later measurements of one process ran 1-7% slower than its first, at an unchanged SM clock
@@ -80,7 +82,7 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     mx.synchronize()
     mx.reset_peak_memory()
     # pipelined: as mlx_megalodon.train's loop runs, step n is queued before step n-1 is waited for
-    times, calls, losses = mlx_trainer_steps(trainer, batch, warmup + steps, pipelined)
+    times, calls, losses, evals = mlx_trainer_steps(trainer, batch, warmup + steps, pipelined)
     loss = losses[-1]
     t = float(np.median(times[warmup:]))
     out = {"variant": variant, "seq_len": seq_len, "rows": rows, "tokens_per_step": rows * seq_len, "step_s": t,
@@ -88,7 +90,8 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
            "peak_memory_gb": mx.get_peak_memory() / 1e9, "loss": float(loss.item()),
            "grad_checkpoint": grad_checkpoint, "packed_doc_len": packed_doc_len, "pid": os.getpid(),
            "loop": "pipelined" if pipelined else "synchronous",
-           "host_call_s": float(np.median(calls[warmup:])), "host_call_s_all": calls[warmup:]}
+           "host_call_s": float(np.median(calls[warmup:])), "host_call_s_all": calls[warmup:],
+           "host_eval_call_s": float(np.median(evals[warmup:])), "host_eval_call_s_all": evals[warmup:]}
     del trainer, model
     mx.clear_cache()
     return out
@@ -183,7 +186,8 @@ def main():
             print(f"{variant:>11s} seq {L:>7,d} x {rows:>3d} rows: {r['tokens_per_s']:>10,.0f} tok/s  "
                   f"step {r['step_s']:.3f} s  first step {r['first_step_s']:.1f} s  "
                   f"peak {r['peak_memory_gb']:.2f} GB  loss {r['loss']:.3f}  "
-                  f"host graph {r['host_call_s'] * 1e3:.1f} ms{gpu}", flush=True)
+                  f"host graph {r['host_call_s'] * 1e3:.1f} ms  async_eval {r['host_eval_call_s'] * 1e3:.1f} ms{gpu}",
+                  flush=True)
             if a.rounds > 1:
                 summary = summarize_rounds(rows_out)
             if a.out:  # after every measurement, so a run cut short keeps what it measured

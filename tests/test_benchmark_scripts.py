@@ -64,6 +64,36 @@ def test_step_kernels_summarizes_an_ncu_table(tmp_path):
     assert r.returncode != 0 and "--seq-len" in r.stderr
 
 
+def test_step_kernels_writes_and_summarizes_a_torch_profiler_trace(tmp_path):
+    """--torch-profiler's CSV (kernels of a Chrome trace, with start times) reads back in --summarize,
+    which then also reports the timeline: span, time with a kernel running, and the idle gaps."""
+    import importlib
+    step_kernels = importlib.import_module("benchmarks.step_kernels")
+    events = [  # ts / dur in microseconds, as torch's Chrome trace writes them; unordered on purpose
+        {"cat": "kernel", "name": "nvjet_sm90_tst_256x128_NNT", "ts": 1010.0, "dur": 5.0, "args": {"stream": 7}},
+        {"cat": "kernel", "name": "custom_kernel_mgk_cema_fwd_local_ab", "ts": 1000.0, "dur": 4.0},
+        {"cat": "kernel", "name": "col_reduce_looped<bf16>", "ts": 1012.0, "dur": 1.0, "args": {"stream": 9}},
+        {"cat": "cpu_op", "name": "aten::zeros", "ts": 990.0, "dur": 50.0},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 1020.0, "dur": 2.0},
+    ]
+    csv_path = tmp_path / "k.csv"
+    step_kernels.write_kernel_csv(events, str(csv_path))
+    launches = step_kernels.read_ncu_csv(str(csv_path))
+    assert [(n[:6], ns, start) for n, ns, start in launches] == [
+        ("custom", 4000.0, 0.0), ("nvjet_", 5000.0, 10000.0), ("col_re", 1000.0, 12000.0), ("Memcpy", 2000.0, 20000.0)]
+    timeline = step_kernels.busy_summary(launches)
+    assert abs(timeline["span_ms"] - 0.022) < 1e-12 and abs(timeline["busy_ms"] - 0.011) < 1e-12
+    assert [round(g["ms"], 6) for g in timeline["largest_gaps"]] == [0.006, 0.005]
+    assert round(timeline["largest_gaps"][0]["at_ms"], 6) == 0.004
+    out = tmp_path / "k.json"
+    r = run("benchmarks/step_kernels.py", "--summarize", str(csv_path), "--json", str(out), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "a kernel running in 0.0 of them" in r.stdout
+    assert json.loads(out.read_text())["timeline"]["idle_ms"] > 0
+    with pytest.raises(SystemExit, match="no GPU kernel"):
+        step_kernels.write_kernel_csv(events[3:4], str(tmp_path / "none.csv"))
+
+
 def test_train_profile_compares_lengths(tmp_path):
     """benchmarks/train_profile.py times every piece at each length and prints the differences."""
     out = tmp_path / "profile.json"
@@ -149,4 +179,5 @@ def test_train_throughput_pipelined_loop_trains_the_same_steps(tmp_path):
     for mode, row in outs.items():
         assert row["loop"] == mode and len(row["step_s_all"]) == 3 and all(t > 0 for t in row["step_s_all"])
         assert len(row["host_call_s_all"]) == 3 and 0 < row["host_call_s"] < row["step_s"] * 3
+        assert len(row["host_eval_call_s_all"]) == 3 and 0 < row["host_eval_call_s"] < row["step_s"] * 3
     assert outs["pipelined"]["loss"] == outs["synchronous"]["loss"]
