@@ -18,6 +18,8 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
   ce-kernel    default dispatch with the fused cross-entropy kernels forced on (MEGALODON_CE_KERNEL=1):
                the loss reads the bf16 logits, no float32 copy (the CUDA default)
   no-ce-kernel default dispatch with the fused cross-entropy kernels forced off (MEGALODON_CE_KERNEL=0)
+  flat-adamw   default dispatch with TrainConfig(flat_optimizer=True): AdamW over flat buffers,
+               one cast / clip / update per group of weights instead of per tensor
 ``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
 ``--pipelined`` times the steps as the project's training loop runs them: each step is queued before
 the previous one's loss is read, so building a step's graph on the host overlaps the device's work
@@ -54,7 +56,7 @@ from benchmarks.long_context import device_name  # noqa: E402
 from benchmarks.peers_workers import mlx_trainer_steps, nvidia_smi_lines  # noqa: E402
 
 
-VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel")
+VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel", "flat-adamw")
 # The kernel switches a variant forces (every other variant leaves them to the default dispatch).
 VARIANT_SWITCHES = {"tnorm": ("MEGALODON_TNORM_KERNEL", "1"), "no-tnorm": ("MEGALODON_TNORM_KERNEL", "0"),
                     "ce-kernel": ("MEGALODON_CE_KERNEL", "1"), "no-ce-kernel": ("MEGALODON_CE_KERNEL", "0")}
@@ -68,10 +70,11 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     if variant in VARIANT_SWITCHES:
         switch, value = VARIANT_SWITCHES[variant]
         os.environ[switch] = value
+    flat_optimizer = variant == "flat-adamw"   # the default kernels with FlatAdamW (flat_adamw.py)
     mx.random.seed(0)
     model = Model(args)
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype=dtype, grad_checkpoint=grad_checkpoint,
-                      compile=compile_step, document_resets=packed_doc_len > 0)
+                      compile=compile_step, document_resets=packed_doc_len > 0, flat_optimizer=flat_optimizer)
     trainer = Trainer(model, build_optimizer(cfg), cfg, always_reduce=variant == "distributed")
     rng = np.random.default_rng(0)
     toks = rng.integers(0, args.vocab_size, size=(rows, seq_len + 1)).astype(np.int32)
@@ -89,7 +92,7 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
            "step_s_all": times[warmup:], "first_step_s": times[0], "tokens_per_s": rows * seq_len / t,
            "peak_memory_gb": mx.get_peak_memory() / 1e9, "loss": float(loss.item()),
            "grad_checkpoint": grad_checkpoint, "packed_doc_len": packed_doc_len, "pid": os.getpid(),
-           "loop": "pipelined" if pipelined else "synchronous",
+           "loop": "pipelined" if pipelined else "synchronous", "flat_optimizer": flat_optimizer,
            "host_call_s": float(np.median(calls[warmup:])), "host_call_s_all": calls[warmup:],
            "host_eval_call_s": float(np.median(evals[warmup:])), "host_eval_call_s_all": evals[warmup:]}
     del trainer, model

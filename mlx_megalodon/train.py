@@ -51,6 +51,7 @@ from . import distributed as dist
 from .config import ConfigError, ModelArgs, PRESETS, is_full_precision_key, parameter_count
 from .cross_entropy_kernels import ce_kernel_wanted, cross_entropy_kernel, cross_entropy_ops
 from .data import Batch, BatchIterator, DataError, PackedDataset, iterate_batches
+from .flat_adamw import FlatAdamW
 
 PROG = "megalodon-train"
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -92,6 +93,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     compile: bool = True
     document_resets: bool = True        # packed documents do not see each other (segment ids)
+    flat_optimizer: bool = False        # AdamW over flat buffers (flat_adamw.py): far fewer kernels
     val_every: int = 200                # 0: only the final validation
     val_batches: int = 20               # batches per periodic validation; 0: the whole set
     final_val_batches: int = 0          # 0: the whole validation set
@@ -256,7 +258,8 @@ class AdamW(optim.Adam):
 def build_optimizer(cfg: TrainConfig, decay_filter=default_decay_filter) -> AdamW:
     """AdamW with the config's betas/eps/weight decay; the learning rate is set every step from
     :func:`lr_at` (a plain value in the optimizer state, so the schedule can be re-planned)."""
-    return AdamW(lr_at(0, cfg, cfg.iters), (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, decay_filter)
+    kind = FlatAdamW if cfg.flat_optimizer else AdamW
+    return kind(lr_at(0, cfg, cfg.iters), (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, decay_filter)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: Optional[int]) -> float:
@@ -354,6 +357,9 @@ class Trainer:
             set_grad_checkpoint(model, True)
         model.train()
         optimizer.init(model.trainable_parameters())
+        flat = isinstance(optimizer, FlatAdamW)
+        if flat:   # the model's weights become views of the optimizer's flat master buffers
+            model.update(optimizer.bind(model.trainable_parameters(), self.dtype))
         self.state = [model.state, optimizer.state, mx.random.state]
         dtype, clip = self.dtype, cfg.grad_clip
         # Gradient checkpointing is the memory-saving mode: the output head and loss then also run in
@@ -361,13 +367,14 @@ class Trainer:
         loss_piece = LOSS_PIECE if cfg.grad_checkpoint else 0
 
         def loss_and_grads(inputs, targets, mask, segment_ids=None):
-            params = model.trainable_parameters()
+            # flat: gradients of the flat buffers, one vector per group (FlatAdamW's layout)
+            params = optimizer.state["flat"]["p"] if flat else model.trainable_parameters()
 
             def f(p):
-                model.update(cast_params(p, dtype))
+                model.update(optimizer.compute_parameters(p) if flat else cast_params(p, dtype))
                 return loss_fn(model, inputs, targets, mask, segment_ids, loss_piece)
             (loss, ntoks), grads = mx.value_and_grad(f)(params)
-            model.update(params)
+            model.update(optimizer.layout.unflatten(params) if flat else params)
             return loss, ntoks, grads
 
         def fused_step(inputs, targets, mask, segment_ids=None):
@@ -487,7 +494,9 @@ def save_checkpoint(directory, model, optimizer, state: dict) -> Path:
     def write(tmp: Path):
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
                             metadata={"format": "mlx"})
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        # FlatAdamW writes AdamW's per-parameter layout: checkpoints resume with either optimizer
+        opt_state = optimizer.checkpoint_state() if isinstance(optimizer, FlatAdamW) else optimizer.state
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt_state)))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
     return _write_atomic_dir(Path(directory), write)
 
@@ -528,6 +537,8 @@ def load_checkpoint(path, model, optimizer) -> dict:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise TrainError(f"{path}: checkpoint does not fit the model ({' '.join(str(e).split())})") from None
+    if getattr(optimizer, "layout", None) is not None:
+        raise TrainError(f"{path}: load the checkpoint before building the Trainer (its optimizer is bound)")
     optimizer.state = tree_unflatten(list(opt.items()))
     optimizer.init(model.trainable_parameters())  # marks it initialized; keeps the loaded moments
     mx.eval(model.parameters(), optimizer.state)
@@ -1045,6 +1056,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (auto: bfloat16 on a GPU, float32 on the CPU backend)")
     o.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
     o.add_argument("--no-compile", action="store_true", help="do not mx.compile the train step")
+    o.add_argument("--flat-optimizer", action="store_true",
+                   help="AdamW over flat float32 buffers: one update for all weights instead of one per tensor, "
+                        "far fewer kernels per step (checkpoints are the same either way)")
     o.add_argument("--no-document-resets", action="store_true",
                    help="let packed documents see each other (faster: keeps the CEMA kernel path)")
     o.add_argument("--seed", type=int, default=0)
@@ -1070,7 +1084,8 @@ def config_from_args(a, seq_len: int) -> TrainConfig:
                        learning_rate=a.learning_rate, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
                        beta1=a.beta1, beta2=a.beta2, eps=a.adam_eps, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, compute_dtype=a.dtype, grad_checkpoint=a.grad_checkpoint,
-                       compile=not a.no_compile, document_resets=not a.no_document_resets, val_every=a.val_every, val_batches=a.val_batches,
+                       compile=not a.no_compile, document_resets=not a.no_document_resets,
+                       flat_optimizer=a.flat_optimizer, val_every=a.val_every, val_batches=a.val_batches,
                        keep_best=a.keep_best, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
                        report_every=a.report_every, seed=a.seed, time_budget_s=a.time_budget_s)
 

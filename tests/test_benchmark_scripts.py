@@ -94,6 +94,22 @@ def test_step_kernels_writes_and_summarizes_a_torch_profiler_trace(tmp_path):
         step_kernels.write_kernel_csv(events[3:4], str(tmp_path / "none.csv"))
 
 
+def test_step_graph_counts_fewer_operations_with_the_flat_optimizer(tmp_path):
+    """benchmarks/step_graph.py counts one step's graph nodes for both optimizers; FlatAdamW's per-group
+    update leaves fewer, and the same model trains in both."""
+    out = tmp_path / "graph.json"
+    r = run("benchmarks/step_graph.py", "--layers", "2", "--model-dim", "32", "--json", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    per_tensor, flat = result["results"]["per-tensor AdamW"], result["results"]["FlatAdamW"]
+    assert result["layers"] == 2 and result["parameter_tensors"] > 20
+    assert 0 < flat["non_view_nodes"] < per_tensor["non_view_nodes"] <= per_tensor["nodes"]
+    assert per_tensor["by_type"]["Square"] > flat["by_type"].get("Square", 0)
+    assert "| FlatAdamW |" in r.stdout
+    r = run("benchmarks/step_graph.py", "--layers", "0", timeout=60)
+    assert r.returncode != 0 and "--layers must be at least 1" in r.stderr
+
+
 def test_train_profile_compares_lengths(tmp_path):
     """benchmarks/train_profile.py times every piece at each length and prints the differences."""
     out = tmp_path / "profile.json"
