@@ -75,7 +75,6 @@ class FlatLayout:
     def __init__(self, parameters: dict, compute_dtype: mx.Dtype, decays: Callable[[str, mx.array], bool]):
         self.compute_dtype = compute_dtype
         self.paths: Dict[str, List[str]] = {}
-        self.shapes: Dict[str, Tuple[Tuple[int, ...], ...]] = {}
         self.cast: Dict[str, bool] = {}
         self.decay: Dict[str, bool] = {}
         shapes: Dict[str, list] = {}
@@ -86,7 +85,7 @@ class FlatLayout:
             self.paths.setdefault(group, []).append(path)
             shapes.setdefault(group, []).append(tuple(p.shape))
             self.cast[group], self.decay[group] = cast, decay
-        self.shapes = {g: tuple(s) for g, s in shapes.items()}
+        self.shapes: Dict[str, Tuple[Tuple[int, ...], ...]] = {g: tuple(s) for g, s in shapes.items()}
 
     def flatten(self, leaves: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """One float32 vector per group from {parameter path: array shaped like the parameter}
@@ -119,6 +118,8 @@ class FlatAdamW(optim.Adam):
     def __init__(self, learning_rate, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
                  decay_filter: Optional[Callable[[str, mx.array], bool]] = None, bias_correction: bool = True):
         super().__init__(learning_rate, list(betas), eps, bias_correction)
+        if decay_filter is None:   # AdamW's default (imported here: train.py imports this module)
+            from .train import default_decay_filter as decay_filter
         self.weight_decay = weight_decay
         self.decay_filter = decay_filter
         self.layout: Optional[FlatLayout] = None
@@ -129,7 +130,7 @@ class FlatAdamW(optim.Adam):
             super().init(parameters)
 
     def _decays(self, path: str, p: mx.array) -> bool:
-        return bool(self.weight_decay) and self.decay_filter is not None and self.decay_filter(path, p)
+        return bool(self.weight_decay) and self.decay_filter(path, p)
 
     def bind(self, parameters: dict, compute_dtype: mx.Dtype) -> dict:
         """Move the master weights and moments into flat buffers; returns the parameter tree as views

@@ -204,3 +204,12 @@ def test_compiled_step_matches_per_tensor_adamw():
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
     for k, v in runs[False][1].items():
         assert np.allclose(np.array(runs[True][1][k]), np.array(v), rtol=1e-4, atol=1e-6), k
+
+
+def test_default_decay_rule_is_adamws():
+    params = tiny_model().trainable_parameters()
+    optimizer = FlatAdamW(1e-3)
+    optimizer.bind(params, mx.float32)
+    decayed = {path for g, paths in optimizer.layout.paths.items() if optimizer.layout.decay[g] for path in paths}
+    assert decayed == {k for k, v in tree_flatten(params) if default_decay_filter(k, v)} != set()
+    assert not any(FlatAdamW(1e-3, weight_decay=0.0)._decays(k, v) for k, v in tree_flatten(params))
