@@ -132,9 +132,9 @@ class FlatAdamW(optim.Adam):
         self.layout: Optional[FlatLayout] = None
 
     def init(self, parameters: dict):
-        """Until ``bind``: AdamW's per-parameter state (a loaded checkpoint's moments are kept)."""
-        if self.layout is None:
-            super().init(parameters)
+        """Nothing until ``bind`` creates the flat state: a loaded checkpoint's per-parameter
+        moments stay in ``state`` for it to take."""
+        self._initialized = True
 
     def _decays(self, path: str, p: mx.array) -> bool:
         return bool(self.weight_decay) and self.decay_filter(path, p)
@@ -144,13 +144,13 @@ class FlatAdamW(optim.Adam):
         of the flat master weights (for ``model.update``)."""
         if self.layout is not None:
             raise RuntimeError("FlatAdamW.bind: already bound")
-        super().init(parameters)
         layout = FlatLayout(parameters, compute_dtype, self._decays)
         saved = dict(tree_flatten({k: v for k, v in self.state.items() if k not in ("step", "learning_rate")}))
-        paths = [path for path, _ in tree_flatten(parameters)]
         flat = {"p": layout.flatten(dict(tree_flatten(parameters)))}
-        for name in ("m", "v"):
-            flat[name] = layout.flatten({path: saved[f"{path}.{name}"] for path in paths})
+        for name in ("m", "v"):   # a loaded checkpoint's moments, or zeros (no per-tensor zeros first)
+            loaded = {path: saved.get(f"{path}.{name}") for paths in layout.paths.values() for path in paths}
+            flat[name] = layout.flatten(loaded) if all(v is not None for v in loaded.values()) else \
+                {g: mx.zeros_like(v) for g, v in flat["p"].items()}
         self.layout = layout
         self._state = {"step": self.state["step"], "learning_rate": self.state["learning_rate"], "flat": flat}
         self._initialized = True
