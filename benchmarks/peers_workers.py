@@ -73,6 +73,17 @@ def train_tokens(vocab: int, rows: int, seq_len: int, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).integers(0, vocab, size=(rows, seq_len + 1)).astype(np.int32)
 
 
+def random_batch(vocab: int, rows: int, seq_len: int, doc_len: int = 0, seed: int = 0):
+    """A training Batch of train_tokens: every target counted, one document per row (or documents
+    of ``doc_len`` tokens, as segment ids)."""
+    from mlx_megalodon.data import Batch
+    toks = train_tokens(vocab, rows, seq_len, seed)
+    segments = np.zeros((rows, seq_len), np.int32)
+    if doc_len:
+        segments += (np.arange(seq_len, dtype=np.int32) // doc_len)[None]
+    return Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32), segments)
+
+
 def prompt_tokens(vocab: int, context: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(1, context)).astype(np.int32)
 
@@ -177,7 +188,6 @@ class MLXSystem:
 
     def train(self, seq_len, rows, warmup, steps):
         mx = self.mx
-        from mlx_megalodon.data import Batch
         from mlx_megalodon.train import TrainConfig, Trainer, build_optimizer
         self.reset_memory()
         model = self.fresh_model(mx.float32)
@@ -187,9 +197,7 @@ class MLXSystem:
                           beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
                           warmup=0)
         trainer = Trainer(model, build_optimizer(cfg), cfg)
-        toks = train_tokens(self.vocab, rows, seq_len)
-        batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32),
-                      np.zeros((rows, seq_len), np.int32))
+        batch = random_batch(self.vocab, rows, seq_len)
         times, _, losses, _ = mlx_trainer_steps(trainer, batch, warmup + steps, self.job.get("train_loop") == "pipelined")
         out = timing_summary(times, warmup, rows * seq_len)
         out.update(peak_memory_gb=self.peak_gb(), loss=float(losses[-1].item()), first_loss=float(losses[0].item()),

@@ -27,12 +27,11 @@ from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlx_megalodon.config import ModelArgs, preset  # noqa: E402
-from mlx_megalodon.data import Batch  # noqa: E402
+from benchmarks.peers_workers import random_batch  # noqa: E402
 from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer, new_model  # noqa: E402
 
 VIEWS = {"Reshape", "Slice", "Squeeze", "ExpandDims", "Transpose", "Broadcast", "Copy", "StopGradient",
@@ -45,9 +44,7 @@ def count_step(args: ModelArgs, seq_len: int, rows: int, dtype: str, flat: bool)
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype=dtype, compile=False,
                       document_resets=False, flat_optimizer=flat)
     trainer = Trainer(model, build_optimizer(cfg), cfg)
-    toks = np.random.default_rng(0).integers(0, args.vocab_size, size=(rows, seq_len + 1)).astype(np.int32)
-    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32),
-                  np.zeros((rows, seq_len), np.int32))
+    batch = random_batch(args.vocab_size, rows, seq_len)
     loss, _, norm = trainer.step([batch])      # the first step initializes the optimizer's state
     mx.eval(loss, norm, trainer.state)
     loss, _, norm = trainer._fused(*trainer._arrays(batch))   # lazy: the whole step as a graph

@@ -202,10 +202,9 @@ def torch_kernel_recorder(csv_out: str):
 
 def profile_step(a):
     import mlx.core as mx
-    import numpy as np
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.peers_workers import random_batch
     from mlx_megalodon.config import preset
-    from mlx_megalodon.data import Batch
     from mlx_megalodon.mega import Model
     from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer
 
@@ -217,10 +216,7 @@ def profile_step(a):
     cfg = TrainConfig(seq_len=a.seq_len, batch_size=a.rows, compute_dtype=a.dtype, compile=True,
                       document_resets=False)
     trainer = Trainer(model, build_optimizer(cfg), cfg)
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, model.args.vocab_size, size=(a.rows, a.seq_len + 1)).astype(np.int32)
-    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((a.rows, a.seq_len), np.float32),
-                  np.zeros((a.rows, a.seq_len), np.int32))
+    batch = random_batch(model.args.vocab_size, a.rows, a.seq_len)
     for i in range(a.warmup + 1):
         if i == a.warmup:
             mx.synchronize()

@@ -49,11 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlx_megalodon import kernels as cema_kernels  # noqa: E402
 from mlx_megalodon import moving_average_gated_attention as maga  # noqa: E402
 from mlx_megalodon.config import ModelArgs, parameter_count, preset  # noqa: E402
-from mlx_megalodon.data import Batch  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
 from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E402
 from benchmarks.long_context import device_name  # noqa: E402
-from benchmarks.peers_workers import mlx_trainer_steps, nvidia_smi_lines  # noqa: E402
+from benchmarks.peers_workers import mlx_trainer_steps, nvidia_smi_lines, random_batch  # noqa: E402
 
 
 VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel", "flat-adamw")
@@ -76,12 +75,7 @@ def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, d
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, compute_dtype=dtype, grad_checkpoint=grad_checkpoint,
                       compile=compile_step, document_resets=packed_doc_len > 0, flat_optimizer=flat_optimizer)
     trainer = Trainer(model, build_optimizer(cfg), cfg, always_reduce=variant == "distributed")
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, args.vocab_size, size=(rows, seq_len + 1)).astype(np.int32)
-    segments = np.zeros((rows, seq_len), np.int32)
-    if packed_doc_len:
-        segments += (np.arange(seq_len, dtype=np.int32) // packed_doc_len)[None]
-    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((rows, seq_len), np.float32), segments)
+    batch = random_batch(args.vocab_size, rows, seq_len, packed_doc_len)
     mx.synchronize()
     mx.reset_peak_memory()
     # pipelined: as mlx_megalodon.train's loop runs, step n is queued before step n-1 is waited for

@@ -39,6 +39,12 @@ def dataset():
     return PackedDataset(stream, 32)
 
 
+def two_rows(seed: int) -> Batch:
+    """Two random rows of 32 tokens, one document each."""
+    toks = np.random.default_rng(seed).integers(0, 64, size=(2, 33)).astype(np.int32)
+    return Batch(toks[:, :-1], toks[:, 1:], np.ones((2, 32), np.float32), np.zeros((2, 32), np.int32))
+
+
 def _run(dataset, **kw):
     model = tiny_model()
     result = train(model, dataset, None, cfg(**kw), quiet=True)
@@ -89,9 +95,7 @@ def test_the_model_trains_on_views_of_the_flat_weights():
     optimizer = build_optimizer(c)
     assert isinstance(optimizer, FlatAdamW) and isinstance(build_optimizer(cfg()), AdamW)
     trainer = Trainer(model, optimizer, c)
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, 64, size=(2, 33)).astype(np.int32)
-    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((2, 32), np.float32), np.zeros((2, 32), np.int32))
+    batch = two_rows(0)
     for _ in range(2):
         loss, _, norm = trainer.step([batch])
         mx.eval(loss, norm, trainer.state)
@@ -159,8 +163,7 @@ def test_every_parameter_starts_aligned_and_the_padding_stays_zero():
     c = cfg(flat_optimizer=True, compute_dtype="bfloat16", weight_decay=0.5)
     optimizer = build_optimizer(c)
     trainer = Trainer(model, optimizer, c)
-    toks = np.random.default_rng(1).integers(0, 64, size=(2, 33)).astype(np.int32)
-    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((2, 32), np.float32), np.zeros((2, 32), np.int32))
+    batch = two_rows(1)
     for _ in range(2):
         mx.eval(trainer.step([batch])[0], trainer.state)
     layout = optimizer.layout
@@ -177,8 +180,7 @@ def test_every_parameter_starts_aligned_and_the_padding_stays_zero():
 def test_the_data_parallel_reduction_takes_the_flat_gradients():
     """Trainer(always_reduce=True) runs distributed.reduce_step at world size 1 on the flat gradients:
     the same losses as without it."""
-    toks = np.random.default_rng(2).integers(0, 64, size=(2, 33)).astype(np.int32)
-    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((2, 32), np.float32), np.zeros((2, 32), np.int32))
+    batch = two_rows(2)
     losses = {}
     for reduce in (False, True):
         c = cfg(flat_optimizer=True, compile=False)
@@ -189,8 +191,7 @@ def test_the_data_parallel_reduction_takes_the_flat_gradients():
 
 def test_compiled_step_matches_per_tensor_adamw():
     """The compiled single-micro-batch step (the GPU's path) with FlatAdamW: same losses and weights."""
-    toks = np.random.default_rng(3).integers(0, 64, size=(2, 33)).astype(np.int32)
-    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((2, 32), np.float32), np.zeros((2, 32), np.int32))
+    batch = two_rows(3)
     runs = {}
     for flat in (False, True):
         c = cfg(flat_optimizer=flat, compile=True, document_resets=False, compute_dtype="bfloat16")
