@@ -66,6 +66,11 @@ def split_op(shapes: Tuple[Tuple[int, ...], ...]):
     return split
 
 
+def decoupled_decay(p: mx.array, learning_rate: mx.array, weight_decay: float) -> mx.array:
+    """AdamW's weight decay, applied to the weights before the Adam step (both AdamW classes)."""
+    return p * (1.0 - learning_rate.astype(p.dtype) * weight_decay)
+
+
 def _concatenate_padded(vectors: List[mx.array]) -> mx.array:
     """The vectors end to end, each starting at a multiple of ALIGN, the whole a multiple of
     GROUP_ALIGN long; zeros in between."""
@@ -169,7 +174,7 @@ class FlatAdamW(optim.Adam):
         for g, grad in flat_grads.items():
             p = flat["p"][g]
             if self.layout.decay[g]:
-                p = p * (1.0 - self.learning_rate.astype(p.dtype) * self.weight_decay)
+                p = decoupled_decay(p, self.learning_rate, self.weight_decay)
             state = {"m": flat["m"][g], "v": flat["v"][g]}
             new["p"][g] = self.apply_single(grad, p, state)
             new["m"][g], new["v"][g] = state["m"], state["v"]

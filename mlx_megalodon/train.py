@@ -51,7 +51,7 @@ from . import distributed as dist
 from .config import ConfigError, ModelArgs, PRESETS, is_full_precision_key, parameter_count
 from .cross_entropy_kernels import ce_kernel_wanted, cross_entropy_kernel, cross_entropy_ops
 from .data import Batch, BatchIterator, DataError, PackedDataset, iterate_batches
-from .flat_adamw import FlatAdamW
+from .flat_adamw import FlatAdamW, decoupled_decay
 
 PROG = "megalodon-train"
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -250,7 +250,7 @@ class AdamW(optim.Adam):
 
         def one(path, g, p, s):
             if self.weight_decay and self.decay_filter(path, p):
-                p = p * (1.0 - self.learning_rate.astype(p.dtype) * self.weight_decay)
+                p = decoupled_decay(p, self.learning_rate, self.weight_decay)
             return self.apply_single(g, p, s)
         return tree_map_with_path(one, gradients, parameters, self.state)
 
@@ -288,7 +288,7 @@ def _sum_of_squares(g: mx.array) -> mx.array:
     """In 4,096-element pieces for large arrays: on MLX's CPU backend one float32 sum over tens
     of millions of elements drops the small terms (FlatAdamW's flat gradients lost 20% of the
     squared norm)."""
-    squares = mx.square(g.astype(mx.float32)).reshape(-1)
+    squares = mx.square(g.astype(mx.float32))   # no reshape below the size: one graph node per tensor saved
     while squares.size >= 1 << 22 and squares.size % 4096 == 0:
         squares = squares.reshape(-1, 4096).sum(axis=1)
     return squares.sum()
