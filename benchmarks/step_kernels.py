@@ -5,7 +5,8 @@ Three modes:
   --torch-profiler CSV  build the model and trainer as benchmarks/train_throughput.py does (one
                   document per row), run the warm-up steps, then record one step's kernels with
                   torch's profiler: CUPTI sees MLX's kernels too, those inside CUDA graphs one by
-                  one. Writes each kernel's name, duration, start and stream, then:
+                  one. Writes each kernel's name, duration, start and stream. ``--steps N``
+                  records N steps, ``--pipelined`` runs them as the training loop does. Then:
 
       python3 benchmarks/step_kernels.py --torch-profiler step.csv
       python3 benchmarks/step_kernels.py --summarize step.csv
@@ -203,7 +204,7 @@ def torch_kernel_recorder(csv_out: str):
 def profile_step(a):
     import mlx.core as mx
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.peers_workers import random_batch
+    from benchmarks.peers_workers import mlx_trainer_steps, random_batch
     from mlx_megalodon.config import preset
     from mlx_megalodon.mega import Model
     from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer
@@ -217,15 +218,17 @@ def profile_step(a):
                       document_resets=False)
     trainer = Trainer(model, build_optimizer(cfg), cfg)
     batch = random_batch(model.args.vocab_size, a.rows, a.seq_len)
-    for i in range(a.warmup + 1):
-        if i == a.warmup:
-            mx.synchronize()
-            start()
-        loss, _, _ = trainer.step([batch])
-        mx.eval(loss, trainer.state)
-        mx.synchronize()
+    # warm-up (compilation), then the recorded steps, run as train_throughput.py runs them
+    mlx_trainer_steps(trainer, batch, a.warmup, a.pipelined)
+    mx.synchronize()
+    start()
+    times, calls, losses, evals = mlx_trainer_steps(trainer, batch, a.steps, a.pipelined)
+    mx.synchronize()
     stop()
-    print(f"profiled one step: {a.rows} x {a.seq_len} tokens, loss {loss.item():.3f}", file=sys.stderr)
+    loop = "pipelined" if a.pipelined else "synchronous"
+    print(f"profiled {a.steps} {loop} step(s): {a.rows} x {a.seq_len} tokens, loss {losses[-1].item():.3f}; "
+          f"step s {[round(t, 4) for t in times]}, graph build s {[round(t, 4) for t in calls]}, "
+          f"async_eval s {[round(t, 4) for t in evals]}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -238,10 +241,14 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1, help="steps recorded (default 1)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="run the steps as train_throughput.py --pipelined does (each queued before the "
+                        "previous one is waited for), to see whether the host hides the gap between steps")
     p.add_argument("--dtype", default="bfloat16")
     a = p.parse_args(argv)
-    if a.seq_len < 1 or a.rows < 1 or a.warmup < 1:
-        p.error("--seq-len, --rows and --warmup must be at least 1")
+    if a.seq_len < 1 or a.rows < 1 or a.warmup < 1 or a.steps < 1:
+        p.error("--seq-len, --rows, --warmup and --steps must be at least 1")
     if a.summarize:
         summarize(a.summarize, a.json)
     else:

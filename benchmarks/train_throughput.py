@@ -18,6 +18,9 @@ warm-up), the first step's time (it includes mx.compile and any kernel JIT) and 
   ce-kernel    default dispatch with the fused cross-entropy kernels forced on (MEGALODON_CE_KERNEL=1):
                the loss reads the bf16 logits, no float32 copy (the CUDA default)
   no-ce-kernel default dispatch with the fused cross-entropy kernels forced off (MEGALODON_CE_KERNEL=0)
+  ln-kernel    default dispatch with the LayerNorm kernel backward forced on (MEGALODON_LN_KERNEL=1):
+               the FFN norm's scale / shift gradients summed in the kernel (the CUDA default)
+  no-ln-kernel default dispatch with MLX's own LayerNorm vjp (MEGALODON_LN_KERNEL=0)
   flat-adamw   default dispatch with TrainConfig(flat_optimizer=True): AdamW over flat buffers,
                one cast / clip / update per group of weights instead of per tensor
 ``--packed-doc-len N`` gives every row documents of N tokens (segment ids; state resets at each).
@@ -55,10 +58,12 @@ from benchmarks.long_context import device_name  # noqa: E402
 from benchmarks.peers_workers import mlx_trainer_steps, nvidia_smi_lines, random_batch  # noqa: E402
 
 
-VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel", "flat-adamw")
+VARIANTS = ("kernels", "ops", "distributed", "tnorm", "no-tnorm", "ce-kernel", "no-ce-kernel", "ln-kernel",
+            "no-ln-kernel", "flat-adamw")
 # The kernel switches a variant forces (every other variant leaves them to the default dispatch).
 VARIANT_SWITCHES = {"tnorm": ("MEGALODON_TNORM_KERNEL", "1"), "no-tnorm": ("MEGALODON_TNORM_KERNEL", "0"),
-                    "ce-kernel": ("MEGALODON_CE_KERNEL", "1"), "no-ce-kernel": ("MEGALODON_CE_KERNEL", "0")}
+                    "ce-kernel": ("MEGALODON_CE_KERNEL", "1"), "no-ce-kernel": ("MEGALODON_CE_KERNEL", "0"),
+                    "ln-kernel": ("MEGALODON_LN_KERNEL", "1"), "no-ln-kernel": ("MEGALODON_LN_KERNEL", "0")}
 
 
 def measure(args, seq_len, rows, steps, warmup, grad_checkpoint, compile_step, dtype, variant="kernels",

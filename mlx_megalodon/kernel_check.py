@@ -168,10 +168,25 @@ def _cross_entropy_case() -> Optional[Tuple[Callable, Callable, List[mx.array], 
             lambda x: (XK.cross_entropy_ops(x.astype(mx.bfloat16), targets),), [logits], True, RTOL_BF16)
 
 
+def _layer_norm_case() -> Optional[Tuple[Callable, Callable, List[mx.array], bool]]:
+    """The LayerNorm kernel backward (only where the policy would use it), against MLX's own vjp; a
+    row length that is no multiple of the lanes and rows that do not fill the last group."""
+    from . import layer_norm_kernels as NK
+    rng = np.random.default_rng(5)
+    R, D = 37, 100
+    if not NK.ln_kernel_wanted((R, D), mx.float32):
+        return None
+    x = mx.array((rng.normal(size=(R, D)) * 2 + 0.5).astype(np.float32))
+    weight = mx.array(rng.normal(size=(D,)).astype(np.float32))
+    bias = mx.array(rng.normal(size=(D,)).astype(np.float32))
+    return (lambda *a: (NK.layer_norm(*a, 1e-5),), lambda *a: (mx.fast.layer_norm(*a, 1e-5),),
+            [x, weight, bias], True)
+
+
 CASES = (("CEMA scan", _cema_case), ("CEMA scan, bfloat16 input", _cema_bf16_case),
          ("CEMA scan, no final state", _cema_no_final_state_case),
          ("TimestepNorm", _timestep_norm_case), ("decode attention", _decode_attention_case),
-         ("cross entropy", _cross_entropy_case))
+         ("cross entropy", _cross_entropy_case), ("LayerNorm", _layer_norm_case))
 
 
 def check(cases=CASES) -> Optional[str]:

@@ -263,11 +263,11 @@ def generate_cpu(npt: int, reset: int = 0, ght0: int = 0, dstride: int = 0) -> s
 def write_generated(directory: Optional[Path] = None) -> List[Path]:
     """Rewrite the readable <body>.metal / <body>.cu of every kernel family."""
     # imported here, not at the top: they import this module
-    from . import attention_kernels as A, cross_entropy_kernels as X, timestep_norm_kernels as T
+    from . import attention_kernels as A, cross_entropy_kernels as X, layer_norm_kernels as N, timestep_norm_kernels as T
     directory = Path(directory) if directory is not None else source_dir()
     out = []
     for stem, module in (("cema_scan", None), ("chunk_attention", A), ("timestep_norm", T),
-                         ("cross_entropy", X)):
+                         ("cross_entropy", X), ("layer_norm", N)):
         gen_metal, gen_cuda = (generate_metal, generate_cuda) if module is None else (module.generate_metal,
                                                                                       module.generate_cuda)
         for suffix, generate in ((".metal", gen_metal), (".cu", gen_cuda)):
