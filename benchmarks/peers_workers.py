@@ -136,6 +136,9 @@ def mlx_trainer_steps(trainer, batch, n: int, pipelined: bool):
     returns when it has (on the H200 only near the end of the step's GPU work: see BENCHMARKS.md)."""
     import mlx.core as mx
     calls, losses, evals = [], [], []
+    # converted to MLX once, as the jax system converts its tokens once (jnp.asarray): see
+    # Batch.resident for what a per-step conversion costs on MLX's CUDA backend
+    batch = batch.resident()
 
     def queue_step():
         tic = time.perf_counter()

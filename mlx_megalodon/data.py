@@ -283,6 +283,15 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.mask.sum())
 
+    def resident(self) -> "Batch":
+        """The same batch as MLX arrays, converted once (the Trainer passes MLX arrays through).
+        A step that converts numpy arrays makes new host-visible MLX buffers; MLX's CUDA allocator
+        may serve those from a cached device buffer with a synchronous copy, which stalls the host
+        until the GPU has drained (about 12 ms between steps of mega200M on the H200, BENCHMARKS.md)."""
+        import mlx.core as mx
+        return Batch(*(v if isinstance(v, mx.array) else mx.array(v)
+                       for v in (self.inputs, self.targets, self.mask, self.segment_ids)))
+
 
 class PackedDataset:
     """Rows of ``seq_len`` inputs and their next-token targets cut from a TokenStream."""

@@ -416,11 +416,12 @@ class Trainer:
             self._fused, self._micro, self._apply, self._eval = fused_step, loss_and_grads, apply_step, eval_step
 
     def _arrays(self, b: Batch):
-        """A batch as step inputs; packed rows carry segment ids so documents stay apart."""
-        arrays = (mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
+        """A batch as step inputs (MLX arrays pass through: Batch.resident); packed rows carry segment
+        ids so documents stay apart."""
+        fields = [b.inputs, b.targets, b.mask]
         if self.cfg.document_resets and getattr(b, "segment_ids", None) is not None:
-            arrays += (mx.array(b.segment_ids),)
-        return arrays
+            fields.append(b.segment_ids)
+        return tuple(v if isinstance(v, mx.array) else mx.array(v) for v in fields)
 
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
