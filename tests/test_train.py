@@ -16,8 +16,9 @@ from mlx_megalodon.config import ModelArgs, is_full_precision_key
 from mlx_megalodon.data import (BatchIterator, DataError, PackedDataset, TokenStream, iterate_batches,
                                 load_documents)
 from mlx_megalodon.tokenizer import Tokenizer
-from mlx_megalodon.train import (TrainConfig, TrainError, Trainer, build_optimizer, check_seq_len, latest_checkpoint, list_checkpoints,
-                                 loss_fn, lr_at, main, new_model, resolve_compute_dtype, train, write_model_dir)
+from mlx_megalodon.train import (TrainConfig, TrainError, Trainer, build_optimizer, check_seq_len, latest_checkpoint,
+                                 list_checkpoints, loss_fn, lr_at, main, new_model, resolve_compute_dtype, train,
+                                 write_model_dir)
 from mlx_megalodon.train_tokenizer import main as tokenizer_main
 from mlx_megalodon.train_tokenizer import train_tokenizer
 from mlx_megalodon.utils import load
