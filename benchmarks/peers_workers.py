@@ -27,6 +27,7 @@ its CUDA scan code generation fails on TimestepNorm's float64 cumulative sums.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -129,28 +130,37 @@ def timed_steps(queue_step, wait, n: int, pipelined: bool) -> list:
     return times
 
 
-def mlx_trainer_steps(trainer, batch, n: int, pipelined: bool):
+def mlx_trainer_steps(trainer, batch, n: int, pipelined: bool, mark=None):
     """``n`` steps of an mlx_megalodon Trainer on ``batch`` through timed_steps: (seconds per step,
     seconds of each trainer.step call, the losses, seconds of each mx.async_eval call). The step
     call builds the step's graph on the host; async_eval then encodes and launches its kernels, and
-    returns when it has (on the H200 only near the end of the step's GPU work: see BENCHMARKS.md)."""
+    returns when it has (on the H200 only near the end of the step's GPU work: see BENCHMARKS.md).
+    ``mark(name)``, a context manager (step_kernels.py passes torch.profiler.record_function), wraps
+    the graph build, the async_eval and the wait of every step."""
     import mlx.core as mx
+    mark = mark or (lambda name: contextlib.nullcontext())
     calls, losses, evals = [], [], []
     # converted to MLX once, as the jax system converts its tokens once (jnp.asarray): see
-    # Batch.resident for what a per-step conversion costs on MLX's CUDA backend
+    # Batch.resident for why a per-step conversion may cost more on MLX's CUDA backend
     batch = batch.resident()
 
     def queue_step():
         tic = time.perf_counter()
-        loss, _, _ = trainer.step([batch])
+        with mark("mlx step: graph build"):
+            loss, _, _ = trainer.step([batch])
         built = time.perf_counter()
         calls.append(built - tic)
-        mx.async_eval(loss, trainer.state)
+        with mark("mlx step: async_eval"):
+            mx.async_eval(loss, trainer.state)
         evals.append(time.perf_counter() - built)
         losses.append(loss)
         return loss, trainer.state   # the step is done when its loss and updated state are
 
-    return timed_steps(queue_step, mx.eval, n, pipelined), calls, losses, evals
+    def wait(handle):
+        with mark("mlx step: wait"):
+            mx.eval(handle)
+
+    return timed_steps(queue_step, wait, n, pipelined), calls, losses, evals
 
 
 def timing_summary(times, warmup: int, tokens: int) -> dict:

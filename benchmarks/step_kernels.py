@@ -6,7 +6,8 @@ Three modes:
                   document per row), run the warm-up steps, then record one step's kernels with
                   torch's profiler: CUPTI sees MLX's kernels too, those inside CUDA graphs one by
                   one. Writes each kernel's name, duration, start and stream. ``--steps N``
-                  records N steps, ``--pipelined`` runs them as the training loop does. Then:
+                  records N steps, ``--pipelined`` runs them as the training loop does, ``--host``
+                  adds the host's ranges (graph build, mx.async_eval, wait, slow CUDA calls). Then:
 
       python3 benchmarks/step_kernels.py --torch-profiler step.csv
       python3 benchmarks/step_kernels.py --summarize step.csv
@@ -67,9 +68,10 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def read_ncu_csv(path: str):
+def read_ncu_csv(path: str, host: bool = False):
     """(kernel name, ns, start ns or None) per recorded launch from `ncu --csv --page raw --metrics
-    gpu__time_duration.sum`, or from --torch-profiler's CSV (which adds a start_ns column)."""
+    gpu__time_duration.sum`, or from --torch-profiler's CSV (which adds a start_ns column);
+    ``host``: its host rows instead (stream "host": marked ranges and slow CUDA API calls)."""
     text = Path(path).read_text(errors="replace")
     start = text.find('"ID"')
     if start < 0:
@@ -81,9 +83,14 @@ def read_ncu_csv(path: str):
     except ValueError:
         raise SystemExit(f"{path}: expected columns 'Kernel Name' and 'gpu__time_duration.sum'")
     start_col = header.index("start_ns") if "start_ns" in header else None
+    stream_col = header.index("stream") if "stream" in header else None
+    if host and stream_col is None:
+        return []                                # Nsight Compute's table: kernels only
     out = []
     for row in rows[1:]:
         if len(row) <= max(name_col, time_col, start_col or 0):
+            continue
+        if stream_col is not None and len(row) > stream_col and (row[stream_col] == "host") != host:
             continue
         value = row[time_col].replace(",", "")
         try:
@@ -110,7 +117,18 @@ def busy_summary(launches):
     span = run_end - spans[0][0]
     gaps.sort(reverse=True)
     return {"span_ms": span / 1e6, "busy_ms": busy / 1e6, "idle_ms": (span - busy) / 1e6,
-            "largest_gaps": [{"ms": g / 1e6, "at_ms": (at - spans[0][0]) / 1e6} for g, at in gaps[:5]]}
+            "largest_gaps": [{"ms": g / 1e6, "at_ms": (at - spans[0][0]) / 1e6, "at_ns": at, "ns": g}
+                             for g, at in gaps[:5]]}
+
+
+def host_during(host_rows, start_ns: float, end_ns: float):
+    """The host ranges that overlap [start_ns, end_ns): (name, ms inside the window, start ms)."""
+    out = []
+    for name, ns, start in host_rows:
+        overlap = min(end_ns, start + ns) - max(start_ns, start)
+        if overlap > 0:
+            out.append((name, overlap / 1e6, start / 1e6))
+    return out
 
 
 def summarize(path: str, json_out: str | None):
@@ -129,6 +147,12 @@ def summarize(path: str, json_out: str | None):
         gaps = ", ".join(f"{g['ms']:.1f} ms at {g['at_ms']:.1f}" for g in timeline["largest_gaps"][:3])
         print(f"timeline: {timeline['span_ms']:.1f} ms from first start to last end, a kernel running in "
               f"{timeline['busy_ms']:.1f} of them, idle {timeline['idle_ms']:.1f} (largest gaps: {gaps})")
+        host_rows = read_ncu_csv(path, host=True)
+        for g in timeline["largest_gaps"] if host_rows else []:
+            during = host_during(host_rows, g["at_ns"], g["at_ns"] + g["ns"])
+            g["host"] = [{"name": n, "ms": ms, "start_ms": st} for n, ms, st in during]
+            print(f"  gap of {g['ms']:.1f} ms at {g['at_ms']:.1f}: host in "
+                  + ("; ".join(f"{n[:50]} {ms:.1f} ms" for n, ms, _ in during) or "nothing recorded"))
     print()
     print("| group | ms | share | launches | largest kernels (ms) |")
     print("|---|---|---|---|---|")
@@ -159,27 +183,43 @@ def cuda_profiler():
     raise SystemExit("no libcudart found for cudaProfilerStart (looked in /usr/local/cuda and site-packages)")
 
 
+# Host rows kept in the CSV (stream "host"): every range this script marks, and CUDA runtime /
+# driver calls of at least this many microseconds (a synchronous copy or wait shows up as one).
+HOST_CATEGORIES = ("cuda_runtime", "cuda_driver", "user_annotation")
+HOST_MIN_US = 50.0
+
+
 def write_kernel_csv(events, csv_out: str):
     """The GPU kernels (and copies) of a Chrome trace's events, in start order, as the CSV layout
     --summarize reads (ID, Kernel Name, gpu__time_duration.sum in ns) plus each one's start (ns
-    after the first) and stream, from which overlap and idle time can be read."""
+    after the first kernel's) and stream, from which overlap and idle time can be read. Host ranges
+    (marked ranges, and CUDA API calls of HOST_MIN_US or more, when the trace has them) follow as
+    rows of stream "host" on the same clock."""
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                      key=lambda e: e.get("ts", 0))
     if not kernels:
         raise SystemExit("torch's profiler recorded no GPU kernel (CUPTI did not see MLX's launches)")
-    span_ms = (max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]) / 1e3
+    host = sorted((e for e in events if e.get("cat") in HOST_CATEGORIES
+                   and (e.get("cat") == "user_annotation" or e.get("dur", 0) >= HOST_MIN_US)),
+                  key=lambda e: e.get("ts", 0))
+    t0 = kernels[0]["ts"]
+    span_ms = (max(e["ts"] + e["dur"] for e in kernels) - t0) / 1e3
     with open(csv_out, "w", newline="") as f:
         w = csv.writer(f, quoting=csv.QUOTE_ALL)
         w.writerow(["ID", "Kernel Name", "gpu__time_duration.sum", "start_ns", "stream"])
         for i, e in enumerate(kernels):
-            w.writerow([i, e["name"], f"{e['dur'] * 1e3:.0f}", f"{(e['ts'] - kernels[0]['ts']) * 1e3:.0f}",
+            w.writerow([i, e["name"], f"{e['dur'] * 1e3:.0f}", f"{(e['ts'] - t0) * 1e3:.0f}",
                         e.get("args", {}).get("stream", "")])
-    print(f"{len(kernels)} kernels over {span_ms:.1f} ms from first start to last end -> {csv_out}",
-          file=sys.stderr)
+        for i, e in enumerate(host, start=len(kernels)):
+            w.writerow([i, e["name"], f"{e['dur'] * 1e3:.0f}", f"{(e['ts'] - t0) * 1e3:.0f}", "host"])
+    print(f"{len(kernels)} kernels over {span_ms:.1f} ms from first start to last end"
+          + (f", {len(host)} host ranges" if host else "") + f" -> {csv_out}", file=sys.stderr)
 
 
-def torch_kernel_recorder(csv_out: str):
-    """(start, stop) that record every GPU kernel of this process through torch's profiler (CUPTI).
+def torch_kernel_recorder(csv_out: str, host: bool = False):
+    """(start, stop) that record every GPU kernel of this process through torch's profiler (CUPTI);
+    ``host``: also the CPU side (the ranges marked with torch.profiler.record_function and the CUDA
+    API calls), on the same clock.
 
     CUPTI sees the kernels of every library in the process, MLX's included, and reports the
     kernels inside CUDA graphs one by one; stop() writes them as the same CSV layout that
@@ -188,7 +228,8 @@ def torch_kernel_recorder(csv_out: str):
     import tempfile
     import torch
     torch.zeros(1, device="cuda")                # a CUDA context for the profiler to attach to
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
+    prof = torch.profiler.profile(activities=activities)
 
     def stop():
         prof.stop()
@@ -209,7 +250,11 @@ def profile_step(a):
     from mlx_megalodon.mega import Model
     from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer
 
-    start, stop = torch_kernel_recorder(a.torch_profiler) if a.torch_profiler else cuda_profiler()
+    start, stop = torch_kernel_recorder(a.torch_profiler, a.host) if a.torch_profiler else cuda_profiler()
+    mark = None
+    if a.host and a.torch_profiler:
+        import torch
+        mark = torch.profiler.record_function
     mx.random.seed(0)
     model = Model(preset(a.preset))
     # one document per row, as train_throughput.py and peers.py measure (document_resets would
@@ -222,7 +267,7 @@ def profile_step(a):
     mlx_trainer_steps(trainer, batch, a.warmup, a.pipelined)
     mx.synchronize()
     start()
-    times, calls, losses, evals = mlx_trainer_steps(trainer, batch, a.steps, a.pipelined)
+    times, calls, losses, evals = mlx_trainer_steps(trainer, batch, a.steps, a.pipelined, mark=mark)
     mx.synchronize()
     stop()
     loop = "pipelined" if a.pipelined else "synchronous"
@@ -245,8 +290,14 @@ def main(argv=None):
     p.add_argument("--pipelined", action="store_true",
                    help="run the steps as train_throughput.py --pipelined does (each queued before the "
                         "previous one is waited for), to see whether the host hides the gap between steps")
+    p.add_argument("--host", action="store_true",
+                   help="with --torch-profiler: also record the host side (graph build, mx.async_eval, the "
+                        "wait, CUDA API calls of 50 us or more) on the kernels' clock; --summarize then "
+                        "says what the host was doing in each of the largest idle gaps")
     p.add_argument("--dtype", default="bfloat16")
     a = p.parse_args(argv)
+    if a.host and not a.torch_profiler:
+        p.error("--host needs --torch-profiler")
     if a.seq_len < 1 or a.rows < 1 or a.warmup < 1 or a.steps < 1:
         p.error("--seq-len, --rows, --warmup and --steps must be at least 1")
     if a.summarize:

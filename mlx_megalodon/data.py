@@ -286,8 +286,9 @@ class Batch:
     def resident(self) -> "Batch":
         """The same batch as MLX arrays, converted once (the Trainer passes MLX arrays through).
         A step that converts numpy arrays makes new host-visible MLX buffers; MLX's CUDA allocator
-        may serve those from a cached device buffer with a synchronous copy, which stalls the host
-        until the GPU has drained (about 12 ms between steps of mega200M on the H200, BENCHMARKS.md)."""
+        may serve those from a cached device buffer with a synchronous copy, which would stall the
+        host until the GPU has drained (a candidate cause of the idle gap between training steps
+        on the H200, not confirmed: BENCHMARKS.md, ninth session)."""
         import mlx.core as mx
         return Batch(*(v if isinstance(v, mx.array) else mx.array(v)
                        for v in (self.inputs, self.targets, self.mask, self.segment_ids)))

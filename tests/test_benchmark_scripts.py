@@ -94,6 +94,38 @@ def test_step_kernels_writes_and_summarizes_a_torch_profiler_trace(tmp_path):
         step_kernels.write_kernel_csv(events[3:4], str(tmp_path / "none.csv"))
 
 
+def test_step_kernels_reports_the_host_during_idle_gaps(tmp_path):
+    """With --host, the marked ranges and slow CUDA API calls go into the CSV as stream "host" rows on
+    the kernels' clock: they stay out of the kernel statistics, and --summarize names what the host
+    was doing in each idle gap (short API calls are left out)."""
+    import importlib
+    step_kernels = importlib.import_module("benchmarks.step_kernels")
+    events = [
+        {"cat": "kernel", "name": "copy_v<float, bf16>", "ts": 1000.0, "dur": 10.0},
+        {"cat": "kernel", "name": "binary_ss<Divide>", "ts": 1100.0, "dur": 10.0},
+        {"cat": "user_annotation", "name": "mlx step: graph build", "ts": 980.0, "dur": 60.0},
+        {"cat": "cuda_runtime", "name": "cudaMemcpy", "ts": 1040.0, "dur": 55.0},
+        {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 1096.0, "dur": 3.0},
+    ]
+    csv_path = tmp_path / "k.csv"
+    step_kernels.write_kernel_csv(events, str(csv_path))
+    assert [n for n, _, _ in step_kernels.read_ncu_csv(str(csv_path))] == ["copy_v<float, bf16>", "binary_ss<Divide>"]
+    host = step_kernels.read_ncu_csv(str(csv_path), host=True)
+    assert [(n, ns, start) for n, ns, start in host] == [("mlx step: graph build", 60000.0, -20000.0),
+                                                         ("cudaMemcpy", 55000.0, 40000.0)]
+    # the one gap runs from 10 us to 100 us: the build overlaps 30 us of it, the copy 55 us
+    during = step_kernels.host_during(host, 10000.0, 100000.0)
+    assert [(n, round(ms * 1e3, 3)) for n, ms, _ in during] == [("mlx step: graph build", 30.0), ("cudaMemcpy", 55.0)]
+    out = tmp_path / "k.json"
+    r = run("benchmarks/step_kernels.py", "--summarize", str(csv_path), "--json", str(out), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "2 kernel launches" in r.stdout and "host in mlx step: graph build 0.0 ms; cudaMemcpy 0.1 ms" in r.stdout
+    gap = json.loads(out.read_text())["timeline"]["largest_gaps"][0]
+    assert [h["name"] for h in gap["host"]] == ["mlx step: graph build", "cudaMemcpy"]
+    r = run("benchmarks/step_kernels.py", "--host", timeout=60)
+    assert r.returncode != 0 and "--host needs --torch-profiler" in r.stderr
+
+
 def test_step_graph_counts_fewer_operations_with_the_flat_optimizer(tmp_path):
     """benchmarks/step_graph.py counts one step's graph nodes for both optimizers; FlatAdamW's per-group
     update leaves fewer, and the same model trains in both."""
