@@ -208,3 +208,18 @@ def starts_from_lengths(layout):
         rows.append(np.concatenate([np.full(n, s) for s, n in zip(firsts, lengths)]))
     assert len({len(r) for r in rows}) == 1, "rows of different lengths"
     return np.stack(rows).astype(np.int32)
+
+
+def record_launches(family, launched: list, **defaults) -> None:
+    """Route one kernel family's launches (a *_kernels module with _launcher and set_launcher)
+    through its current launcher, noting each kernel's name in `launched`. `defaults`: launcher
+    attributes the family reads (lanes=..., max_group=...), taken from the current launcher where
+    it has them."""
+    inner = family._launcher()
+
+    def recording(name, *args):
+        launched.append(name)
+        return inner(name, *args)
+    for attr, default in defaults.items():
+        setattr(recording, attr, getattr(inner, attr, default))
+    family.set_launcher(recording)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+import factory
 from factory import tiny_args
 from mlx_megalodon import cross_entropy_kernels as XK
 from mlx_megalodon import kernel_check as KC
@@ -93,13 +94,7 @@ def assert_matches_reference(x, t, g, dtype):
 
 def record_launches(launched: list) -> None:
     """Route the cross-entropy launches through the current launcher, noting their names."""
-    inner = XK._launcher()
-
-    def recording(name, *args):
-        launched.append(name)
-        return inner(name, *args)
-    recording.lanes = XK.lanes(inner)
-    XK.set_launcher(recording)
+    factory.record_launches(XK, launched, lanes=XK.GPU_LANES)
 
 
 # ------------------------------------------------------------------------------------------------

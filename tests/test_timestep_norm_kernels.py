@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import factory
 from factory import PACKED_LAYOUTS, starts_from_lengths
 from mlx_megalodon import kernels as K
 from mlx_megalodon import timestep_norm_kernels as TK
@@ -150,14 +151,7 @@ def check_against_references(x, weight, bias, state, w, G, starts=None, dtype=mx
 
 def record_launches(launched: list) -> None:
     """Route the TimestepNorm kernel launches through the current launcher, noting their names."""
-    inner = TK._launcher()
-
-    def recording(name, inputs, templates, *args):
-        launched.append(name)
-        return inner(name, inputs, templates, *args)
-    recording.lanes = getattr(inner, "lanes", TK.GPU_LANES)
-    recording.max_group = getattr(inner, "max_group", TK.MAX_NPT)
-    TK.set_launcher(recording)
+    factory.record_launches(TK, launched, lanes=TK.GPU_LANES, max_group=TK.MAX_NPT)
 
 
 # ------------------------------------------------------------------------------------------------
