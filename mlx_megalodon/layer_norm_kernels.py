@@ -193,5 +193,7 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
         raise ValueError(f"layer_norm: weight and bias must have shape ({D},), got {tuple(weight.shape)} "
                          f"and {tuple(bias.shape)}")
     lead = x.shape[:-1]
+    if x.size == 0:                       # nothing to launch over
+        return mx.fast.layer_norm(x, weight.astype(x.dtype), bias.astype(x.dtype), eps)
     y = _layer_norm_op(float(eps))(x.reshape(-1, D), weight.astype(x.dtype), bias.astype(x.dtype))
     return y.reshape(*lead, D)

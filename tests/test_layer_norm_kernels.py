@@ -138,10 +138,12 @@ def test_two_stage_partial_sums_match_one_stage():
     assert NK.sum_partials(part[:100]).shape == (2, 5)
 
 
-def test_bad_weight_shape_is_one_value_error(cpu_kernels):
+def test_bad_weight_shape_is_one_value_error_and_empty_input_works(cpu_kernels):
     x = mx.zeros((2, 3, 8))
     with pytest.raises(ValueError, match=r"weight and bias must have shape \(8,\)"):
         NK.layer_norm(x, mx.ones((7,)), mx.zeros((8,)), EPS)
+    empty = NK.layer_norm(mx.zeros((0, 8)), mx.ones((8,)), mx.zeros((8,)), EPS)
+    assert empty.shape == (0, 8)
 
 
 def loss_and_grads(model, x, y, dtype):
