@@ -24,7 +24,8 @@ class LayerNorm(nn.Module):
 
     def __call__(self, x):
         weight, bias = (self.weight + 1.0).astype(x.dtype), self.bias.astype(x.dtype)
-        # same forward either way; the kernel only replaces the backward (layer_norm_kernels.py)
-        if layer_norm_kernels.ln_kernel_wanted(x.shape, x.dtype):
+        # same forward either way; the kernel only replaces the backward (layer_norm_kernels.py),
+        # so a model in eval mode (generation) keeps the plain op
+        if self.training and layer_norm_kernels.ln_kernel_wanted(x.shape, x.dtype):
             return layer_norm_kernels.layer_norm(x, weight, bias, self.eps)
         return mx.fast.layer_norm(x, weight, bias, self.eps)

@@ -172,6 +172,10 @@ def test_loss_fn_kernel_matches_mlx_vjp(cpu_kernels, monkeypatch, dtype):
     loss_k, g_k = loss_and_grads(model, x, y, dtype)
     assert launched and set(launched) == {"ln_bwd"}, "the kernel path did not run"
     n = len(launched)
+    model.eval()                          # eval mode (generation): MLX's op, no kernel
+    loss_e, _ = loss_and_grads(model, x, y, dtype)
+    assert len(launched) == n and loss_e == loss_k
+    model.train()
     monkeypatch.setenv("MEGALODON_LN_KERNEL", "0")
     loss_o, g_o = loss_and_grads(model, x, y, dtype)
     assert len(launched) == n
