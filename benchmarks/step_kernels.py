@@ -252,7 +252,7 @@ def profile_step(a):
 
     start, stop = torch_kernel_recorder(a.torch_profiler, a.host) if a.torch_profiler else cuda_profiler()
     mark = None
-    if a.host and a.torch_profiler:
+    if a.host:                                   # main() made sure --torch-profiler is given too
         import torch
         mark = torch.profiler.record_function
     mx.random.seed(0)

@@ -143,11 +143,15 @@ def ln_kernel_wanted(shape: Sequence[int], dtype: Optional[mx.Dtype] = None) -> 
 # Backward and the differentiable op
 
 def sum_partials(part: mx.array) -> mx.array:
-    """(G, 2, D) float32 partial sums -> (2, D): in two stages once G is a multiple of PARTIAL_BLOCK
-    with at least two blocks, so no single column reduction runs over thousands of rows."""
+    """(G, 2, D) float32 partial sums -> (2, D): in two stages once there are at least two blocks of
+    PARTIAL_BLOCK groups (zero groups pad the last block), so no single column reduction runs over
+    thousands of rows whatever the row count."""
     G = part.shape[0]
-    if G >= 2 * PARTIAL_BLOCK and G % PARTIAL_BLOCK == 0:
-        part = part.reshape(G // PARTIAL_BLOCK, PARTIAL_BLOCK, *part.shape[1:]).sum(axis=1)
+    if G >= 2 * PARTIAL_BLOCK:
+        pad = -G % PARTIAL_BLOCK
+        if pad:
+            part = mx.pad(part, [(0, pad), (0, 0), (0, 0)])
+        part = part.reshape(-1, PARTIAL_BLOCK, *part.shape[1:]).sum(axis=1)
     return part.sum(axis=0)
 
 

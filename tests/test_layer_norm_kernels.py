@@ -136,6 +136,8 @@ def test_two_stage_partial_sums_match_one_stage():
     part = mx.array(np.random.default_rng(2).normal(size=(256, 2, 5)).astype(np.float32))
     np.testing.assert_allclose(np.array(NK.sum_partials(part)), np.array(part).sum(0), rtol=1e-5, atol=1e-5)
     assert NK.sum_partials(part[:100]).shape == (2, 5)
+    np.testing.assert_allclose(np.array(NK.sum_partials(part[:200])), np.array(part)[:200].sum(0),
+                               rtol=1e-5, atol=1e-5)   # padded to 4 blocks of 64
 
 
 def test_bad_weight_shape_is_one_value_error_and_empty_input_works(cpu_kernels):
