@@ -130,6 +130,18 @@ def timed_steps(queue_step, wait, n: int, pipelined: bool) -> list:
     return times
 
 
+def step_handle(loss, state) -> list:
+    """What to wait on for one MLX step: its loss and the arrays its state holds now. The compiled
+    step writes each new state into the same containers (``trainer.state``), so waiting on those
+    containers a step later would wait on the newer step: the pipelined loop would run synchronously."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    leaves = []
+    for _, v in tree_flatten(state):   # mx.random.state is a container tree_flatten keeps whole
+        leaves.extend([v] if isinstance(v, mx.array) else [v[i] for i in range(len(v))])
+    return [loss] + leaves
+
+
 def mlx_trainer_steps(trainer, batch, n: int, pipelined: bool, mark=None):
     """``n`` steps of an mlx_megalodon Trainer on ``batch`` through timed_steps: (seconds per step,
     seconds of each trainer.step call, the losses, seconds of each mx.async_eval call). The step
@@ -154,7 +166,7 @@ def mlx_trainer_steps(trainer, batch, n: int, pipelined: bool, mark=None):
             mx.async_eval(loss, trainer.state)
         evals.append(time.perf_counter() - built)
         losses.append(loss)
-        return loss, trainer.state   # the step is done when its loss and updated state are
+        return step_handle(loss, trainer.state)
 
     def wait(handle):
         with mark("mlx step: wait"):
@@ -180,6 +192,8 @@ class MLXSystem:
             import mlx.core as mx
         except ImportError as e:
             raise Unavailable(f"mlx not importable ({e})")
+        from mlx_megalodon.train import use_large_cuda_graphs
+        use_large_cuda_graphs()   # as the training CLI does, before the job's first GPU evaluation
         self.mx = mx
         self.job = job
         self._decode_warm = False

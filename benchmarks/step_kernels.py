@@ -248,8 +248,9 @@ def profile_step(a):
     from benchmarks.peers_workers import mlx_trainer_steps, random_batch
     from mlx_megalodon.config import preset
     from mlx_megalodon.mega import Model
-    from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer
+    from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer, use_large_cuda_graphs
 
+    use_large_cuda_graphs()   # as the training CLI does, before the first GPU evaluation
     start, stop = torch_kernel_recorder(a.torch_profiler, a.host) if a.torch_profiler else cuda_profiler()
     mark = None
     if a.host:                                   # main() made sure --torch-profiler is given too

@@ -33,6 +33,9 @@ the median ``mx.async_eval`` call (``host_eval_call_s``). On the H200 that call 
 18 ms before the step's end (eighth session), so the pipelined loop cannot hide the graph build
 there and measured the same as the synchronous one. The default evaluates every step before the next is built, as megalodon-jax's step is timed in
 ``peers.py``; with it the device waits while the host builds each step.
+On MLX's CUDA backend the run sizes CUDA graphs as the training CLI does
+(``train.use_large_cuda_graphs``); ``MLX_MAX_MB_PER_BUFFER=1000`` in the environment measures MLX's
+own H200 default instead.
 ``--fresh-process`` runs every measurement in a process of its own (same options): on the H200 the
 later measurements of one process ran 1-7% slower than its first, at an unchanged SM clock
 (BENCHMARKS.md, sixth session), and a fresh process gives each case the same start.
@@ -53,7 +56,7 @@ from mlx_megalodon import kernels as cema_kernels  # noqa: E402
 from mlx_megalodon import moving_average_gated_attention as maga  # noqa: E402
 from mlx_megalodon.config import ModelArgs, parameter_count, preset  # noqa: E402
 from mlx_megalodon.mega import Model  # noqa: E402
-from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer  # noqa: E402
+from mlx_megalodon.train import Trainer, TrainConfig, build_optimizer, use_large_cuda_graphs  # noqa: E402
 from benchmarks.long_context import device_name  # noqa: E402
 from benchmarks.peers_workers import mlx_trainer_steps, nvidia_smi_lines, random_batch  # noqa: E402
 
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main():
     p = build_parser()
     a = p.parse_args()
+    use_large_cuda_graphs()   # as the training CLI does, before the first GPU evaluation
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
     if a.packed_doc_len < 0:

@@ -1099,6 +1099,8 @@ def run(args: dict, report: Callable[[str], None] = print) -> dict:
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .cpu_blas import warn_if_slow
+    from .train import use_large_cuda_graphs
+    use_large_cuda_graphs()   # before the first GPU evaluation (MLX reads it once)
     try:
         args = resolve_options(argv)
         if dist.world().rank == 0:

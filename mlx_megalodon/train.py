@@ -341,6 +341,29 @@ def set_grad_checkpoint(model, enabled: bool = True) -> None:
         layer.__class__ = _checkpointed_class(base) if enabled else base
 
 
+# ----------------------------------------------------------------------------- CUDA graph size
+# MLX's CUDA backend closes a CUDA graph once its kernels have read MLX_MAX_MB_PER_BUFFER megabytes
+# (1000 on an H100/H200) and lets the host get only 10 graphs ahead of the GPU. A training step's
+# kernels each read ~100 MB, so its graphs hold a few kernels each and mx.async_eval returns only
+# when the step is nearly done: the next step's graph build (7-11 ms for mega200M) then runs while
+# the GPU idles. Bounded by kernel count alone (100 per graph) the host stays about a third of a
+# step ahead: on the H200, 4K x 8 went from 239K to 248K tokens/s and 32K x 1 from 235K to 242K, with
+# 7 GB more peak memory (BENCHMARKS.md, tenth session). Metal keeps MLX's own limits (not measured).
+CUDA_GRAPH_MB = 100_000
+
+
+def use_large_cuda_graphs() -> bool:
+    """Default ``MLX_MAX_MB_PER_BUFFER`` to :data:`CUDA_GRAPH_MB` on MLX's CUDA backend; a value
+    already in the environment is kept. MLX reads the variable once, at the process's first GPU
+    evaluation, so training entry points call this before anything is evaluated. True when it set
+    the value."""
+    from .kernels import gpu_backend
+    if "MLX_MAX_MB_PER_BUFFER" in os.environ or gpu_backend() != "cuda":
+        return False
+    os.environ["MLX_MAX_MB_PER_BUFFER"] = str(CUDA_GRAPH_MB)
+    return True
+
+
 # ----------------------------------------------------------------------------- the step functions
 class Trainer:
     """Owns the compiled train/eval steps for one model and optimizer.
@@ -1212,6 +1235,7 @@ def run(a) -> TrainResult:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    use_large_cuda_graphs()   # before the first GPU evaluation (MLX reads it once)
     from .checkpoint import CheckpointError
     from .cpu_blas import warn_if_slow
     from .tokenizer import TokenizerError

@@ -229,3 +229,25 @@ def test_train_throughput_pipelined_loop_trains_the_same_steps(tmp_path):
         assert len(row["host_call_s_all"]) == 3 and 0 < row["host_call_s"] < row["step_s"] * 3
         assert len(row["host_eval_call_s_all"]) == 3 and 0 < row["host_eval_call_s"] < row["step_s"] * 3
     assert outs["pipelined"]["loss"] == outs["synchronous"]["loss"]
+
+
+TINY_OVERRIDES = json.dumps({"num_layers": 2, "model_dim": 64, "z_dim": 32, "value_dim": 64, "num_heads": 1,
+                             "ffn_hidden_dim": 128, "cema_ndim": 4, "chunk_size": 32, "norm_num_groups": 4,
+                             "vocab_size": 128})
+
+
+def test_train_loop_throughput_runs_the_library_training_loop(tmp_path):
+    """benchmarks/train_loop_throughput.py times mlx_megalodon.train.train itself: every length gets
+    its rows of the same tokens per step, all the iterations run and the loss falls below uniform."""
+    import math
+    out = tmp_path / "loop.json"
+    r = run("benchmarks/train_loop_throughput.py", "--seq-lens", "64,128", "--tokens-per-step", "256",
+            "--iters", "6", "--overrides", TINY_OVERRIDES, "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(x["seq_len"], x["rows"], x["iters"]) for x in rows] == [(64, 4, 6), (128, 2, 6)]
+    assert all(x["tokens_per_s"] > 0 and x["peak_memory_gb"] > 0 for x in rows)
+    assert all(x["last_loss"] < math.log(128) + 0.5 for x in rows)
+    for bad in (["--seq-lens", "4096"], ["--iters", "2"], ["--overrides", "[1]"], ["--seq-lens", "a"]):
+        r = run("benchmarks/train_loop_throughput.py", "--tokens-per-step", "256", *bad, timeout=120)
+        assert r.returncode == 2 and "error:" in r.stderr, bad

@@ -358,6 +358,38 @@ def test_timed_steps_pipelined_waits_one_step_late():
     assert len(timed_steps(lambda: None, lambda h: None, 3, True)) == 3
 
 
+@pytest.mark.parametrize("compile_step", [True, False])
+def test_mlx_step_handle_keeps_its_own_steps_arrays(compile_step):
+    """The pipelined loop waits on step i-1 after queueing step i. Its handle must hold step i-1's
+    arrays: trainer.state is updated in place by each step, so a handle holding that container would
+    wait on step i (and the loop would run synchronously)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from benchmarks.peers_workers import random_batch, step_handle
+    from mlx_megalodon.config import ModelArgs
+    from mlx_megalodon.train import TrainConfig, Trainer, build_optimizer, new_model
+    args = ModelArgs.from_dict(dict(num_layers=1, model_dim=32, z_dim=16, value_dim=32, num_heads=1,
+                                    ffn_hidden_dim=64, cema_ndim=4, chunk_size=16, norm_num_groups=4,
+                                    vocab_size=64))
+    cfg = TrainConfig(seq_len=16, batch_size=2, compile=compile_step, compute_dtype="float32")
+    trainer = Trainer(new_model(args, 0), build_optimizer(cfg), cfg)
+    batch = random_batch(64, 2, 16).resident()
+    loss, _, _ = trainer.step([batch])
+    first = step_handle(loss, trainer.state)
+    mx.eval(first)
+    after_first = [np.array(v.astype(mx.float32)) for v in first[1:]]
+    loss2, _, _ = trainer.step([batch])
+    second = step_handle(loss2, trainer.state)
+    mx.eval(second)
+    assert first[0] is loss and second[0] is loss2
+    assert len(first) == len(second) > len(tree_flatten(trainer.state))
+    assert all(isinstance(v, mx.array) for v in first + second)
+    # the first handle still holds step 1's values; the state (and the second handle) moved on
+    assert all(np.array_equal(np.array(v.astype(mx.float32)), w) for v, w in zip(first[1:], after_first))
+    assert {id(v) for _, v in tree_flatten(trainer.state[:2])} <= {id(v) for v in second[1:]}
+    assert any(not np.array_equal(np.array(v.astype(mx.float32)), w) for v, w in zip(second[1:], after_first))
+
+
 @pytest.mark.parametrize("name", ["mlx", "torch_ref", "jax"])
 def test_pipelined_training_loop_trains_the_same_steps(gate_job, name):
     """--train-loop pipelined changes only when each step is waited for: every system trains the

@@ -2,6 +2,7 @@
 training. CPU, tiny models, no mx.compile (its first CPU build takes minutes)."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,9 @@ from mlx_megalodon.config import ModelArgs, is_full_precision_key
 from mlx_megalodon.data import (BatchIterator, DataError, PackedDataset, TokenStream, iterate_batches,
                                 load_documents)
 from mlx_megalodon.tokenizer import Tokenizer
-from mlx_megalodon.train import (TrainConfig, TrainError, Trainer, build_optimizer, check_seq_len, latest_checkpoint,
-                                 list_checkpoints, loss_fn, lr_at, main, new_model, resolve_compute_dtype, train,
-                                 write_model_dir)
+from mlx_megalodon.train import (CUDA_GRAPH_MB, TrainConfig, TrainError, Trainer, build_optimizer, check_seq_len,
+                                 latest_checkpoint, list_checkpoints, loss_fn, lr_at, main, new_model,
+                                 resolve_compute_dtype, train, use_large_cuda_graphs, write_model_dir)
 from mlx_megalodon.train_tokenizer import main as tokenizer_main
 from mlx_megalodon.train_tokenizer import train_tokenizer
 from mlx_megalodon.utils import load
@@ -505,3 +506,39 @@ def test_default_model_recipe_fits_the_package():
     assert script.is_validation("json/decoder.py", 30) == script.is_validation("json/decoder.py", 30)
     held = sum(script.is_validation(f"pkg/mod{i}.py", 30) for i in range(2000))
     assert 30 <= held <= 90
+
+
+@pytest.mark.parametrize("backend, preset, expect", [("cuda", None, str(CUDA_GRAPH_MB)), ("cuda", "250", "250"),
+                                                     ("metal", None, None), (None, None, None)])
+def test_large_cuda_graphs_only_on_cuda_and_never_over_the_users_value(monkeypatch, backend, preset, expect):
+    """use_large_cuda_graphs defaults MLX_MAX_MB_PER_BUFFER on MLX's CUDA backend only and keeps a
+    value the user set."""
+    from mlx_megalodon import kernels
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: backend)
+    if preset is None:
+        monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
+    else:
+        monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", preset)
+    assert use_large_cuda_graphs() == (backend == "cuda" and preset is None)
+    assert os.environ.get("MLX_MAX_MB_PER_BUFFER") == expect
+
+
+@pytest.mark.parametrize("entry", ["train", "lora"])
+def test_training_entry_points_size_cuda_graphs_before_anything_runs(monkeypatch, entry):
+    """MLX reads MLX_MAX_MB_PER_BUFFER at the first GPU evaluation, so the training CLIs set it
+    before their run starts (here the run itself is replaced: it records what it saw)."""
+    from mlx_megalodon import kernels, lora, train as train_module
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
+    seen = []
+
+    def fake_run(*args, **kwargs):
+        seen.append(os.environ.get("MLX_MAX_MB_PER_BUFFER"))
+        raise KeyboardInterrupt if entry == "train" else ValueError("stopped here")
+    if entry == "train":
+        monkeypatch.setattr(train_module, "run", fake_run)
+        assert train_module.main(["--preset", "tiny", "--train", "x.txt", "--out", "o"]) == 130
+    else:
+        monkeypatch.setattr(lora, "resolve_options", fake_run)
+        assert lora.main(["--model", "m"]) == 1
+    assert seen == [str(CUDA_GRAPH_MB)]

@@ -1,0 +1,74 @@
+"""Tokens/s of the project's own training loop (``mlx_megalodon.train.train``), as ``python -m
+mlx_megalodon.train`` runs it: numpy batches from the data iterator every step, the learning-rate
+schedule, the loss read one step late, progress reporting. ``train_throughput.py`` times the compiled
+step alone on one resident batch; this checks that the loop around it keeps the GPU as busy.
+
+    python benchmarks/train_loop_throughput.py --preset mega200M --seq-lens 4096,32768 \\
+        --tokens-per-step 32768 --iters 14 [--out results.json]
+
+Random tokens, one document (no resets), bfloat16 compute, no validation and no checkpoints. The
+loop's figure is the median step after the first two (compilation) steps.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlx_megalodon.config import preset  # noqa: E402
+from mlx_megalodon.data import PackedDataset, TokenStream  # noqa: E402
+from mlx_megalodon.train import TrainConfig, new_model, train, use_large_cuda_graphs  # noqa: E402
+
+
+def measure(preset_name: str, seq_len: int, rows: int, iters: int, seed: int = 0, **overrides) -> dict:
+    import mlx.core as mx
+    args = preset(preset_name, **overrides)
+    tokens = np.random.default_rng(seed).integers(0, args.vocab_size, size=(iters + 1) * rows * seq_len + 1)
+    data = PackedDataset(TokenStream(tokens.astype(np.int32), np.zeros(1, np.int64), args.vocab_size), seq_len)
+    cfg = TrainConfig(seq_len=seq_len, batch_size=rows, iters=iters, warmup=2, val_every=0, save_every=0,
+                      compute_dtype="bfloat16", compile=True, document_resets=False, report_every=1000)
+    model = new_model(args, seed)
+    mx.reset_peak_memory()
+    result = train(model, data, None, cfg, quiet=True)
+    return {"seq_len": seq_len, "rows": rows, "iters": result.step, "tokens_per_s": result.tokens_per_sec,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "last_loss": result.train_losses[-1][1]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="mega200M")
+    p.add_argument("--seq-lens", default="4096,32768")
+    p.add_argument("--tokens-per-step", type=int, default=32768)
+    p.add_argument("--iters", type=int, default=14)
+    p.add_argument("--overrides", default="{}", help="JSON of ModelArgs fields over the preset's (tests)")
+    p.add_argument("--out", help="write the rows as JSON here")
+    a = p.parse_args(argv)
+    if a.iters < 4:
+        p.error("--iters must be >= 4 (two compile steps, then timed ones)")
+    try:
+        lens = [int(v) for v in a.seq_lens.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--seq-lens: not a comma list of integers: {a.seq_lens!r}")
+    if not lens or min(lens) < 1 or a.tokens_per_step < max(lens):
+        p.error("--seq-lens must be positive and each at most --tokens-per-step")
+    try:
+        overrides = json.loads(a.overrides)
+        assert isinstance(overrides, dict)
+    except (ValueError, AssertionError):
+        p.error(f"--overrides: not a JSON object: {a.overrides!r}")
+    use_large_cuda_graphs()   # as the training CLI does, before the first GPU evaluation
+    rows_out = []
+    for L in lens:
+        r = measure(a.preset, L, a.tokens_per_step // L, a.iters, **overrides)
+        rows_out.append(r)
+        print(f"{a.preset} seq {L:>7,d} x {r['rows']:>3d}: {r['tokens_per_s']:>10,.0f} tok/s  "
+              f"peak {r['peak_memory_gb']:.2f} GB  loss {r['last_loss']:.3f}", flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps({"preset": a.preset, "results": rows_out}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
