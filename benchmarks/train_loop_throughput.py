@@ -6,7 +6,8 @@ step alone on one resident batch; this checks that the loop around it keeps the 
     python benchmarks/train_loop_throughput.py --preset mega200M --seq-lens 4096,32768 \\
         --tokens-per-step 32768 --iters 14 [--out results.json]
 
-Random tokens, one document (no resets), bfloat16 compute, no validation and no checkpoints. The
+``--resident-batches`` converts the batches to MLX before the loop, to tell the per-step batch
+conversion's cost apart from the loop's. Random tokens, one document (no resets), bfloat16 compute, no validation and no checkpoints. The
 loop's figure is the median step after the first two (compilation) steps.
 """
 import argparse
@@ -22,8 +23,27 @@ from mlx_megalodon.data import PackedDataset, TokenStream  # noqa: E402
 from mlx_megalodon.train import TrainConfig, new_model, train, use_large_cuda_graphs  # noqa: E402
 
 
-def measure(preset_name: str, seq_len: int, rows: int, iters: int, seed: int = 0, **overrides) -> dict:
+def resident_iterator_class(n_batches: int):
+    """A BatchIterator that draws its first ``n_batches`` batches up front and serves them as MLX
+    arrays (``Batch.resident``), so the timed loop makes no per-step host allocations."""
     import mlx.core as mx
+    from mlx_megalodon.data import BatchIterator
+
+    class ResidentBatches(BatchIterator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._ready = [super(ResidentBatches, self).__next__().resident() for _ in range(n_batches)]
+            mx.eval([[b.inputs, b.targets, b.mask] for b in self._ready])
+
+        def __next__(self):
+            return self._ready.pop(0) if self._ready else super().__next__()
+    return ResidentBatches
+
+
+def measure(preset_name: str, seq_len: int, rows: int, iters: int, seed: int = 0, resident: bool = False,
+            **overrides) -> dict:
+    import mlx.core as mx
+    import mlx_megalodon.train as train_module
     args = preset(preset_name, **overrides)
     tokens = np.random.default_rng(seed).integers(0, args.vocab_size, size=(iters + 1) * rows * seq_len + 1)
     data = PackedDataset(TokenStream(tokens.astype(np.int32), np.zeros(1, np.int64), args.vocab_size), seq_len)
@@ -31,8 +51,14 @@ def measure(preset_name: str, seq_len: int, rows: int, iters: int, seed: int = 0
                       compute_dtype="bfloat16", compile=True, document_resets=False, report_every=1000)
     model = new_model(args, seed)
     mx.reset_peak_memory()
-    result = train(model, data, None, cfg, quiet=True)
-    return {"seq_len": seq_len, "rows": rows, "iters": result.step, "tokens_per_s": result.tokens_per_sec,
+    plain = train_module.BatchIterator
+    if resident:
+        train_module.BatchIterator = resident_iterator_class(iters)
+    try:
+        result = train(model, data, None, cfg, quiet=True)
+    finally:
+        train_module.BatchIterator = plain
+    return {"seq_len": seq_len, "rows": rows, "iters": result.step, "batches": "resident" if resident else "numpy", "tokens_per_s": result.tokens_per_sec,
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "last_loss": result.train_losses[-1][1]}
 
 
@@ -42,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-lens", default="4096,32768")
     p.add_argument("--tokens-per-step", type=int, default=32768)
     p.add_argument("--iters", type=int, default=14)
+    p.add_argument("--resident-batches", action="store_true",
+                   help="convert every batch to MLX before the loop starts (no per-step host allocation)")
     p.add_argument("--overrides", default="{}", help="JSON of ModelArgs fields over the preset's (tests)")
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
@@ -61,9 +89,9 @@ def main(argv=None) -> int:
     use_large_cuda_graphs()   # as the training CLI does, before the first GPU evaluation
     rows_out = []
     for L in lens:
-        r = measure(a.preset, L, a.tokens_per_step // L, a.iters, **overrides)
+        r = measure(a.preset, L, a.tokens_per_step // L, a.iters, resident=a.resident_batches, **overrides)
         rows_out.append(r)
-        print(f"{a.preset} seq {L:>7,d} x {r['rows']:>3d}: {r['tokens_per_s']:>10,.0f} tok/s  "
+        print(f"{a.preset} seq {L:>7,d} x {r['rows']:>3d} ({r['batches']} batches): {r['tokens_per_s']:>10,.0f} tok/s  "
               f"peak {r['peak_memory_gb']:.2f} GB  loss {r['last_loss']:.3f}", flush=True)
         if a.out:
             Path(a.out).write_text(json.dumps({"preset": a.preset, "results": rows_out}, indent=2) + "\n")

@@ -248,6 +248,13 @@ def test_train_loop_throughput_runs_the_library_training_loop(tmp_path):
     assert [(x["seq_len"], x["rows"], x["iters"]) for x in rows] == [(64, 4, 6), (128, 2, 6)]
     assert all(x["tokens_per_s"] > 0 and x["peak_memory_gb"] > 0 for x in rows)
     assert all(x["last_loss"] < math.log(128) + 0.5 for x in rows)
+    # --resident-batches converts the same batches up front: the same training, the same losses
+    r = run("benchmarks/train_loop_throughput.py", "--seq-lens", "64", "--tokens-per-step", "256", "--iters", "6",
+            "--overrides", TINY_OVERRIDES, "--resident-batches", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    resident = json.loads(out.read_text())["results"][0]
+    assert resident["batches"] == "resident" and rows[0]["batches"] == "numpy"
+    assert resident["last_loss"] == rows[0]["last_loss"]
     for bad in (["--seq-lens", "4096"], ["--iters", "2"], ["--overrides", "[1]"], ["--seq-lens", "a"]):
         r = run("benchmarks/train_loop_throughput.py", "--tokens-per-step", "256", *bad, timeout=120)
         assert r.returncode == 2 and "error:" in r.stderr, bad
