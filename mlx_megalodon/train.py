@@ -342,13 +342,14 @@ def set_grad_checkpoint(model, enabled: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------- CUDA graph size
-# MLX's CUDA backend closes a CUDA graph once its kernels have read MLX_MAX_MB_PER_BUFFER megabytes
-# (1000 on an H100/H200) and lets the host get only 10 graphs ahead of the GPU. A training step's
-# kernels each read ~100 MB, so its graphs hold a few kernels each and mx.async_eval returns only
-# when the step is nearly done: the next step's graph build (7-11 ms for mega200M) then runs while
-# the GPU idles. Bounded by kernel count alone (100 per graph) the host stays about a third of a
-# step ahead: on the H200, 4K x 8 went from 239K to 248K tokens/s and 32K x 1 from 235K to 242K, with
-# 7 GB more peak memory (BENCHMARKS.md, tenth session). Metal keeps MLX's own limits (not measured).
+# MLX's CUDA backend closes a CUDA graph once its operations have read MLX_MAX_MB_PER_BUFFER
+# megabytes (1000 on an H100/H200) and lets the host get only 10 graphs ahead of the GPU. A training
+# step's operations each read ~100 MB, so its graphs are short and mx.async_eval returns only when
+# the step is nearly done: the next step's graph build (7-11 ms for mega200M) then runs while the GPU
+# idles. Bounded by operation count alone (100 per graph) the host stays about a third of a step
+# ahead: on the H200 the step went from 239K to 248K tokens/s at 4K x 8 and from 235K to 242K at
+# 32K x 1, with 7 GB more peak memory (BENCHMARKS.md, tenth session). Metal keeps MLX's own limits
+# (not measured there).
 CUDA_GRAPH_MB = 100_000
 
 
