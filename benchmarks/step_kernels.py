@@ -7,7 +7,9 @@ Three modes:
                   torch's profiler: CUPTI sees MLX's kernels too, those inside CUDA graphs one by
                   one. Writes each kernel's name, duration, start and stream. ``--steps N``
                   records N steps, ``--pipelined`` runs them as the training loop does, ``--host``
-                  adds the host's ranges (graph build, mx.async_eval, wait, slow CUDA calls). Then:
+                  adds the host's ranges (graph build, mx.async_eval, wait, slow CUDA calls), and
+                  ``--library-loop`` records the project's training loop (``train.train``, a numpy
+                  batch per step) instead of steps on one resident batch. Then:
 
       python3 benchmarks/step_kernels.py --torch-profiler step.csv
       python3 benchmarks/step_kernels.py --summarize step.csv
@@ -256,8 +258,10 @@ def profile_step(a):
     if a.host:                                   # main() made sure --torch-profiler is given too
         import torch
         mark = torch.profiler.record_function
+    if a.library_loop:
+        return profile_library_loop(a, start, stop, mark)
     mx.random.seed(0)
-    model = Model(preset(a.preset))
+    model = Model(preset(a.preset, **a.overrides))
     # one document per row, as train_throughput.py and peers.py measure (document_resets would
     # take the packed-documents attention path, a slower step)
     cfg = TrainConfig(seq_len=a.seq_len, batch_size=a.rows, compute_dtype=a.dtype, compile=True,
@@ -275,6 +279,28 @@ def profile_step(a):
     print(f"profiled {a.steps} {loop} step(s): {a.rows} x {a.seq_len} tokens, loss {losses[-1].item():.3f}; "
           f"step s {[round(t, 4) for t in times]}, graph build s {[round(t, 4) for t in calls]}, "
           f"async_eval s {[round(t, 4) for t in evals]}", file=sys.stderr)
+
+
+def profile_library_loop(a, start, stop, mark):
+    """Record the training loop itself (``train.train``, as ``python -m mlx_megalodon.train`` runs it:
+    a numpy batch drawn and converted every step) instead of the benchmarks' step on one resident
+    batch: ``a.warmup + a.steps`` iterations, recording from when step ``a.warmup``'s loss is read."""
+    import mlx.core as mx
+    from benchmarks.train_loop_throughput import measure
+    started = []
+
+    def on_step(step, loss):   # train reads each loss one step late, so the next step is queued
+        if step == a.warmup and not started:
+            mx.synchronize()
+            start()
+            started.append(step)
+    r = measure(a.preset, a.seq_len, a.rows, a.warmup + a.steps, dtype=a.dtype, mark=mark, on_step=on_step,
+                **a.overrides)
+    mx.synchronize()
+    stop()
+    print(f"profiled the training loop (train.train) from step {a.warmup} to {r['iters']}: {a.rows} x {a.seq_len} "
+          f"tokens, loss {r['last_loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s over its timed steps", file=sys.stderr)
+    return r
 
 
 def main(argv=None):
@@ -295,12 +321,22 @@ def main(argv=None):
                    help="with --torch-profiler: also record the host side (graph build, mx.async_eval, the "
                         "wait, CUDA API calls of 50 us or more) on the kernels' clock; --summarize then "
                         "says what the host was doing in each of the largest idle gaps")
+    p.add_argument("--library-loop", action="store_true",
+                   help="record the project's training loop (train.train: a numpy batch per step, the loss "
+                        "read a step late: always pipelined) instead of the benchmarks' steps on one resident "
+                        "batch; with --host its batch draw, graph build and async_eval are marked")
+    p.add_argument("--overrides", default="{}", help="JSON of ModelArgs fields over the preset's (tests)")
     p.add_argument("--dtype", default="bfloat16")
     a = p.parse_args(argv)
     if a.host and not a.torch_profiler:
         p.error("--host needs --torch-profiler")
     if a.seq_len < 1 or a.rows < 1 or a.warmup < 1 or a.steps < 1:
         p.error("--seq-len, --rows, --warmup and --steps must be at least 1")
+    try:
+        a.overrides = json.loads(a.overrides)
+        assert isinstance(a.overrides, dict)
+    except (ValueError, AssertionError):
+        p.error(f"--overrides: not a JSON object: {a.overrides!r}")
     if a.summarize:
         summarize(a.summarize, a.json)
     else:

@@ -11,6 +11,7 @@ conversion's cost apart from the loop's. Random tokens, one document (no resets)
 loop's figure is the median step after the first two (compilation) steps.
 """
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -40,26 +41,65 @@ def resident_iterator_class(n_batches: int):
     return ResidentBatches
 
 
+@contextlib.contextmanager
+def marked_loop(mark):
+    """Inside this, ``train.train`` wraps its host phases in ``mark(name)`` ranges (step_kernels.py
+    --library-loop passes torch.profiler.record_function): drawing a batch, building the step's graph
+    (Trainer.step) and mx.async_eval. It swaps names in mlx_megalodon.train for wrappers and puts them
+    back on exit; the loop itself is unchanged."""
+    import mlx_megalodon.train as T
+    plain_trainer, plain_batches, plain_mx = T.Trainer, T.BatchIterator, T.mx
+
+    class MarkedTrainer(plain_trainer):
+        def step(self, batches):
+            with mark("mlx step: graph build"):
+                return super().step(batches)
+
+    class MarkedBatches(plain_batches):
+        def __next__(self):
+            with mark("mlx step: data"):
+                return super().__next__()
+
+    class MarkedMx:
+        def __getattr__(self, name):
+            return getattr(plain_mx, name)
+
+        @staticmethod
+        def async_eval(*arrays):
+            with mark("mlx step: async_eval"):
+                return plain_mx.async_eval(*arrays)
+
+    T.Trainer, T.BatchIterator, T.mx = MarkedTrainer, MarkedBatches, MarkedMx()
+    try:
+        yield
+    finally:
+        T.Trainer, T.BatchIterator, T.mx = plain_trainer, plain_batches, plain_mx
+
+
 def measure(preset_name: str, seq_len: int, rows: int, iters: int, seed: int = 0, resident: bool = False,
-            **overrides) -> dict:
+            dtype: str = "bfloat16", mark=None, on_step=None, **overrides) -> dict:
+    """One run of ``train.train``; ``mark`` (a context-manager factory) marks its host phases
+    (:func:`marked_loop`), ``on_step(step, loss)`` is train's own callback."""
     import mlx.core as mx
     import mlx_megalodon.train as train_module
     args = preset(preset_name, **overrides)
     tokens = np.random.default_rng(seed).integers(0, args.vocab_size, size=(iters + 1) * rows * seq_len + 1)
     data = PackedDataset(TokenStream(tokens.astype(np.int32), np.zeros(1, np.int64), args.vocab_size), seq_len)
     cfg = TrainConfig(seq_len=seq_len, batch_size=rows, iters=iters, warmup=2, val_every=0, save_every=0,
-                      compute_dtype="bfloat16", compile=True, document_resets=False, report_every=1000)
+                      compute_dtype=dtype, compile=True, document_resets=False, report_every=1000)
     model = new_model(args, seed)
     mx.reset_peak_memory()
     plain = train_module.BatchIterator
     if resident:
         train_module.BatchIterator = resident_iterator_class(iters)
     try:
-        result = train(model, data, None, cfg, quiet=True)
+        with marked_loop(mark) if mark is not None else contextlib.nullcontext():
+            result = train(model, data, None, cfg, quiet=True, on_step=on_step)
     finally:
         train_module.BatchIterator = plain
-    return {"seq_len": seq_len, "rows": rows, "iters": result.step, "batches": "resident" if resident else "numpy", "tokens_per_s": result.tokens_per_sec,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "last_loss": result.train_losses[-1][1]}
+    return {"seq_len": seq_len, "rows": rows, "iters": result.step, "batches": "resident" if resident else "numpy",
+            "tokens_per_s": result.tokens_per_sec, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "last_loss": result.train_losses[-1][1]}
 
 
 def main(argv=None) -> int:

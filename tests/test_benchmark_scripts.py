@@ -258,3 +258,33 @@ def test_train_loop_throughput_runs_the_library_training_loop(tmp_path):
     for bad in (["--seq-lens", "4096"], ["--iters", "2"], ["--overrides", "[1]"], ["--seq-lens", "a"]):
         r = run("benchmarks/train_loop_throughput.py", "--tokens-per-step", "256", *bad, timeout=120)
         assert r.returncode == 2 and "error:" in r.stderr, bad
+
+
+def test_step_kernels_library_loop_marks_the_training_loop(tmp_path):
+    """step_kernels.py --library-loop records train.train itself: recording starts once, when the
+    warm-up steps' losses have been read, and with --host every step's batch draw, graph build and
+    async_eval are marked, in that order (here with a recording mark and no GPU profiler)."""
+    import argparse
+    import contextlib
+    import importlib
+    import mlx_megalodon.train as T
+    step_kernels = importlib.import_module("benchmarks.step_kernels")
+    events, calls = [], []
+
+    @contextlib.contextmanager
+    def mark(name):
+        events.append(name)
+        yield
+    a = argparse.Namespace(preset="mega200M", seq_len=32, rows=2, warmup=2, steps=3, dtype="float32",
+                           overrides=json.loads(TINY_OVERRIDES))
+    plain = (T.Trainer, T.BatchIterator, T.mx)
+    r = step_kernels.profile_library_loop(a, lambda: calls.append(("start", len(events))),
+                                          lambda: calls.append(("stop", len(events))), mark)
+    assert (T.Trainer, T.BatchIterator, T.mx) == plain               # the loop's names are put back
+    assert r["iters"] == 5 and r["batches"] == "numpy"
+    phases = ["mlx step: data", "mlx step: graph build", "mlx step: async_eval"]
+    assert events == phases * 5
+    # step 2's loss is read after step 3 is queued: recording starts there and stops at the end
+    assert calls == [("start", 9), ("stop", 15)]
+    r = run("benchmarks/step_kernels.py", "--library-loop", "--overrides", "[1]", timeout=60)
+    assert r.returncode == 2 and "--overrides: not a JSON object" in r.stderr
