@@ -294,12 +294,12 @@ def profile_library_loop(a, start, stop, mark):
             mx.synchronize()
             start()
             started.append(step)
-    r = measure(a.preset, a.seq_len, a.rows, a.warmup + a.steps, dtype=a.dtype, mark=mark, on_step=on_step,
-                **a.overrides)
+    r = measure(a.preset, a.seq_len, a.rows, a.warmup + a.steps, batches=a.batches, dtype=a.dtype, mark=mark,
+                on_step=on_step, **a.overrides)
     mx.synchronize()
     stop()
-    print(f"profiled the training loop (train.train) from step {a.warmup} to {r['iters']}: {a.rows} x {a.seq_len} "
-          f"tokens, loss {r['last_loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s over its timed steps", file=sys.stderr)
+    print(f"profiled the training loop (train.train, {a.batches} batches) from step {a.warmup} to {r['iters']}: "
+          f"{a.rows} x {a.seq_len} tokens, loss {r['last_loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s over its timed steps", file=sys.stderr)
     return r
 
 
@@ -325,6 +325,8 @@ def main(argv=None):
                    help="record the project's training loop (train.train: a numpy batch per step, the loss "
                         "read a step late: always pipelined) instead of the benchmarks' steps on one resident "
                         "batch; with --host its batch draw, graph build and async_eval are marked")
+    p.add_argument("--batches", default="numpy", choices=("numpy", "resident", "staged"),
+                   help="with --library-loop: how batches reach the loop (train_loop_throughput.py --batches)")
     p.add_argument("--overrides", default="{}", help="JSON of ModelArgs fields over the preset's (tests)")
     p.add_argument("--dtype", default="bfloat16")
     a = p.parse_args(argv)

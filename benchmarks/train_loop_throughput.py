@@ -4,11 +4,17 @@ schedule, the loss read one step late, progress reporting. ``train_throughput.py
 step alone on one resident batch; this checks that the loop around it keeps the GPU as busy.
 
     python benchmarks/train_loop_throughput.py --preset mega200M --seq-lens 4096,32768 \\
-        --tokens-per-step 32768 --iters 14 [--out results.json]
+        --tokens-per-step 32768 --iters 14 [--batches resident|staged] [--out results.json]
 
-``--resident-batches`` converts the batches to MLX before the loop, to tell the per-step batch
-conversion's cost apart from the loop's. Random tokens, one document (no resets), bfloat16 compute, no validation and no checkpoints. The
-loop's figure is the median step after the first two (compilation) steps.
+``--batches resident`` converts the batches to MLX before the loop, to tell the per-step batch
+conversion's cost apart from the loop's; ``--batches staged`` writes each step's batch into a few
+MLX arrays made once (no per-step host allocation), a candidate fix to A/B. Random tokens, one
+document (no resets), bfloat16 compute, no validation and no checkpoints. The loop's figure is the
+median step after the first two (compilation) steps.
+
+The resident rows of the tenth session's table (BENCHMARKS.md) ran before ``Batch.token_count``
+existed: ``train`` then summed each MLX mask right after queueing the step, which waited for the
+device, so that loop was synchronous.
 """
 import argparse
 import contextlib
@@ -39,6 +45,43 @@ def resident_iterator_class(n_batches: int):
         def __next__(self):
             return self._ready.pop(0) if self._ready else super().__next__()
     return ResidentBatches
+
+
+STAGING_SETS = 3
+
+
+def staged_iterator_class(n_sets: int = STAGING_SETS):
+    """A BatchIterator that makes ``n_sets`` sets of MLX batch arrays once and writes each step's
+    batch into them in turn (through numpy views of their memory), so no step allocates a host
+    buffer: the candidate fix for the per-step conversion's cost, to A/B on a GPU. Safe only with a
+    loop that, like ``train.train``, reads step i-1's loss before it draws batch i+1: step i-1
+    started after step i-2 ended (one stream), so the set drawn three batches back is free."""
+    import mlx.core as mx
+    from mlx_megalodon.data import Batch, BatchIterator
+
+    class StagedBatches(BatchIterator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._sets, self._draws = [None] * n_sets, 0   # each: (MLX arrays, numpy views of them)
+
+        def __next__(self):
+            b = super().__next__()
+            fields = (b.inputs, b.targets, b.mask, b.segment_ids)
+            k = self._draws % n_sets
+            self._draws += 1
+            staged = self._sets[k]
+            layout = [None if v is None else (v.shape, v.dtype) for v in fields]
+            if staged is None or [None if w is None else (w.shape, w.dtype) for w in staged[1]] != layout:
+                arrays = tuple(None if v is None else mx.array(v) for v in fields)
+                mx.eval([a for a in arrays if a is not None])
+                staged = self._sets[k] = (arrays, tuple(None if a is None else np.asarray(memoryview(a))
+                                                        for a in arrays))
+            else:
+                for w, v in zip(staged[1], fields):
+                    if v is not None:
+                        w[...] = v
+            return Batch(*staged[0], token_count=b.num_tokens)
+    return StagedBatches
 
 
 @contextlib.contextmanager
@@ -76,7 +119,10 @@ def marked_loop(mark):
         T.Trainer, T.BatchIterator, T.mx = plain_trainer, plain_batches, plain_mx
 
 
-def measure(preset_name: str, seq_len: int, rows: int, iters: int, seed: int = 0, resident: bool = False,
+BATCH_MODES = ("numpy", "resident", "staged")
+
+
+def measure(preset_name: str, seq_len: int, rows: int, iters: int, seed: int = 0, batches: str = "numpy",
             dtype: str = "bfloat16", mark=None, on_step=None, **overrides) -> dict:
     """One run of ``train.train``; ``mark`` (a context-manager factory) marks its host phases
     (:func:`marked_loop`), ``on_step(step, loss)`` is train's own callback."""
@@ -90,14 +136,18 @@ def measure(preset_name: str, seq_len: int, rows: int, iters: int, seed: int = 0
     model = new_model(args, seed)
     mx.reset_peak_memory()
     plain = train_module.BatchIterator
-    if resident:
+    if batches == "resident":
         train_module.BatchIterator = resident_iterator_class(iters)
+    elif batches == "staged":
+        train_module.BatchIterator = staged_iterator_class()
+    elif batches != "numpy":
+        raise ValueError(f"batches must be one of {', '.join(BATCH_MODES)}, got {batches!r}")
     try:
         with marked_loop(mark) if mark is not None else contextlib.nullcontext():
             result = train(model, data, None, cfg, quiet=True, on_step=on_step)
     finally:
         train_module.BatchIterator = plain
-    return {"seq_len": seq_len, "rows": rows, "iters": result.step, "batches": "resident" if resident else "numpy",
+    return {"seq_len": seq_len, "rows": rows, "iters": result.step, "batches": batches,
             "tokens_per_s": result.tokens_per_sec, "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "last_loss": result.train_losses[-1][1]}
 
@@ -108,8 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-lens", default="4096,32768")
     p.add_argument("--tokens-per-step", type=int, default=32768)
     p.add_argument("--iters", type=int, default=14)
-    p.add_argument("--resident-batches", action="store_true",
-                   help="convert every batch to MLX before the loop starts (no per-step host allocation)")
+    p.add_argument("--batches", default="numpy", choices=BATCH_MODES,
+                   help="numpy: drawn and converted every step, as the CLI does; resident: all converted "
+                        "before the loop; staged: written each step into a few MLX arrays made once")
     p.add_argument("--overrides", default="{}", help="JSON of ModelArgs fields over the preset's (tests)")
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
@@ -129,7 +180,7 @@ def main(argv=None) -> int:
     use_large_cuda_graphs()   # as the training CLI does, before the first GPU evaluation
     rows_out = []
     for L in lens:
-        r = measure(a.preset, L, a.tokens_per_step // L, a.iters, resident=a.resident_batches, **overrides)
+        r = measure(a.preset, L, a.tokens_per_step // L, a.iters, batches=a.batches, **overrides)
         rows_out.append(r)
         print(f"{a.preset} seq {L:>7,d} x {r['rows']:>3d} ({r['batches']} batches): {r['tokens_per_s']:>10,.0f} tok/s  "
               f"peak {r['peak_memory_gb']:.2f} GB  loss {r['last_loss']:.3f}", flush=True)

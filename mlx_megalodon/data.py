@@ -278,20 +278,24 @@ class Batch:
     targets: np.ndarray      # B x L int32
     mask: np.ndarray         # B x L float32: 1 where the target counts in the loss
     segment_ids: np.ndarray  # B x L int32: document number inside each row, from 0
+    # Counted on the host when the fields become MLX arrays (resident): summing an MLX mask would
+    # make the training loop wait until the device has finished every step queued before it.
+    token_count: Optional[int] = None
 
     @property
     def num_tokens(self) -> int:
-        return int(self.mask.sum())
+        return self.token_count if self.token_count is not None else int(self.mask.sum())
 
     def resident(self) -> "Batch":
-        """The same batch as MLX arrays, converted once (the Trainer passes MLX arrays through).
-        A step that converts numpy arrays makes new host-visible MLX buffers; MLX's CUDA allocator
-        may serve those from a cached device buffer with a synchronous copy, which would stall the
-        host until the GPU has drained (a candidate cause of the idle gap between training steps
-        on the H200, not confirmed: BENCHMARKS.md, ninth session)."""
+        """The same batch as MLX arrays, converted once (the Trainer passes MLX arrays through),
+        with its token count kept (``token_count``). A step that converts numpy arrays makes new
+        host-visible MLX buffers; MLX's CUDA allocator may serve those from a cached device buffer
+        with a copy into managed memory (a candidate cost of the loop's per-step conversion on the
+        H200, not confirmed: BENCHMARKS.md, ninth and tenth sessions)."""
         import mlx.core as mx
         return Batch(*(v if isinstance(v, mx.array) else mx.array(v)
-                       for v in (self.inputs, self.targets, self.mask, self.segment_ids)))
+                       for v in (self.inputs, self.targets, self.mask, self.segment_ids)),
+                     token_count=self.num_tokens)
 
 
 class PackedDataset:

@@ -248,14 +248,17 @@ def test_train_loop_throughput_runs_the_library_training_loop(tmp_path):
     assert [(x["seq_len"], x["rows"], x["iters"]) for x in rows] == [(64, 4, 6), (128, 2, 6)]
     assert all(x["tokens_per_s"] > 0 and x["peak_memory_gb"] > 0 for x in rows)
     assert all(x["last_loss"] < math.log(128) + 0.5 for x in rows)
-    # --resident-batches converts the same batches up front: the same training, the same losses
-    r = run("benchmarks/train_loop_throughput.py", "--seq-lens", "64", "--tokens-per-step", "256", "--iters", "6",
-            "--overrides", TINY_OVERRIDES, "--resident-batches", "--out", str(out), timeout=300)
-    assert r.returncode == 0, r.stderr
-    resident = json.loads(out.read_text())["results"][0]
-    assert resident["batches"] == "resident" and rows[0]["batches"] == "numpy"
-    assert resident["last_loss"] == rows[0]["last_loss"]
-    for bad in (["--seq-lens", "4096"], ["--iters", "2"], ["--overrides", "[1]"], ["--seq-lens", "a"]):
+    # --batches resident converts the same batches up front, staged writes them into MLX arrays made
+    # once: the same training, the same losses
+    for mode in ("resident", "staged"):
+        r = run("benchmarks/train_loop_throughput.py", "--seq-lens", "64", "--tokens-per-step", "256", "--iters", "6",
+                "--overrides", TINY_OVERRIDES, "--batches", mode, "--out", str(out), timeout=300)
+        assert r.returncode == 0, r.stderr
+        other = json.loads(out.read_text())["results"][0]
+        assert other["batches"] == mode and rows[0]["batches"] == "numpy"
+        assert other["last_loss"] == rows[0]["last_loss"], mode
+    for bad in (["--seq-lens", "4096"], ["--iters", "2"], ["--overrides", "[1]"], ["--seq-lens", "a"],
+                ["--batches", "gpu"]):
         r = run("benchmarks/train_loop_throughput.py", "--tokens-per-step", "256", *bad, timeout=120)
         assert r.returncode == 2 and "error:" in r.stderr, bad
 
@@ -275,7 +278,7 @@ def test_step_kernels_library_loop_marks_the_training_loop(tmp_path):
     def mark(name):
         events.append(name)
         yield
-    a = argparse.Namespace(preset="mega200M", seq_len=32, rows=2, warmup=2, steps=3, dtype="float32",
+    a = argparse.Namespace(preset="mega200M", seq_len=32, rows=2, warmup=2, steps=3, dtype="float32", batches="numpy",
                            overrides=json.loads(TINY_OVERRIDES))
     plain = (T.Trainer, T.BatchIterator, T.mx)
     r = step_kernels.profile_library_loop(a, lambda: calls.append(("start", len(events))),
@@ -288,3 +291,23 @@ def test_step_kernels_library_loop_marks_the_training_loop(tmp_path):
     assert calls == [("start", 9), ("stop", 15)]
     r = run("benchmarks/step_kernels.py", "--library-loop", "--overrides", "[1]", timeout=60)
     assert r.returncode == 2 and "--overrides: not a JSON object" in r.stderr
+
+
+def test_staged_batches_write_each_draw_into_reused_arrays():
+    """--batches staged: the arrays a batch arrives in are made once per set and reused every
+    STAGING_SETS draws, and each draw holds that draw's tokens."""
+    import mlx.core as mx
+    import numpy as np
+    from benchmarks.train_loop_throughput import STAGING_SETS, staged_iterator_class
+    from mlx_megalodon.data import BatchIterator, PackedDataset, TokenStream
+    tokens = np.arange(40 * 16 + 1, dtype=np.int32) % 97
+    data = PackedDataset(TokenStream(tokens, np.zeros(1, np.int64), 97), 16)
+    plain, staged = BatchIterator(data, 4, 0), staged_iterator_class()(data, 4, 0)
+    seen = []
+    for i in range(2 * STAGING_SETS + 1):
+        want, got = next(plain), next(staged)
+        assert isinstance(got.inputs, mx.array) and got.num_tokens == want.num_tokens == 64
+        for field in ("inputs", "targets", "mask"):
+            assert np.array_equal(np.array(getattr(got, field)), getattr(want, field)), (i, field)
+        seen.append(id(got.inputs))
+    assert len(set(seen)) == STAGING_SETS and seen[STAGING_SETS] == seen[0]

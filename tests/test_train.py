@@ -542,3 +542,17 @@ def test_training_entry_points_size_cuda_graphs_before_anything_runs(monkeypatch
         monkeypatch.setattr(lora, "resolve_options", fake_run)
         assert lora.main(["--model", "m"]) == 1
     assert seen == [str(CUDA_GRAPH_MB)]
+
+
+def test_a_resident_batch_counts_its_tokens_on_the_host():
+    """Batch.resident keeps the token count it had as numpy, and num_tokens returns a kept count
+    without summing the mask: train reads it right after queueing a step, and summing an MLX mask
+    there would wait for the device to finish that step."""
+    from mlx_megalodon.data import Batch
+    mask = np.ones((2, 8), np.float32)
+    mask[1, 5:] = 0
+    b = Batch(np.zeros((2, 8), np.int32), np.zeros((2, 8), np.int32), mask, np.zeros((2, 8), np.int32))
+    r = b.resident()
+    assert isinstance(r.mask, mx.array) and r.token_count == b.num_tokens == 13 and r.num_tokens == 13
+    assert Batch(r.inputs, r.targets, r.mask, r.segment_ids, token_count=3).num_tokens == 3
+    assert Batch(r.inputs, r.targets, r.mask, r.segment_ids).num_tokens == 13   # no count kept: the sum
