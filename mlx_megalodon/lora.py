@@ -59,6 +59,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import distributed as dist
+from . import kernels
 from .linear import Linear
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -90,6 +91,7 @@ CONFIG_DEFAULTS = {
     "test_batches": 500,
     "max_seq_length": 2048,
     "grad_checkpoint": False,
+    "compile": "auto",
     "grad_accumulation_steps": 1,
     "lr_schedule": None,
     "lora_parameters": dict(DEFAULT_LORA_PARAMETERS),
@@ -629,15 +631,19 @@ def load_datasets(data_dir, tokenizer, train: bool, test: bool, mask_prompt: boo
 
 
 def make_batch(examples: Sequence[Example], max_seq_length: int, mask_prompt: bool = False,
-               warn: Optional[Callable[[str], None]] = None):
+               warn: Optional[Callable[[str], None]] = None, pad_to: int = 1):
     """(inputs, targets, mask) arrays of shape B x (L-1): right-padded with 0, mask 1.0 where a
-    target is a real token that counts (only completion/assistant tokens with ``mask_prompt``)."""
+    target is a real token that counts (only completion/assistant tokens with ``mask_prompt``).
+    ``pad_to``: L rounded up to a multiple of it (at most ``max_seq_length``), so that a compiled
+    step sees few distinct shapes; the extra positions are masked out and, the model being causal,
+    change no loss."""
     lengths = [len(e.tokens) for e in examples]
     if max(lengths) > max_seq_length and warn is not None:
         warn(f"[WARNING] Some sequences are longer than {max_seq_length} tokens. The longest sentence "
              f"{max(lengths)} will be truncated to {max_seq_length}. Consider pre-splitting your data "
              f"to save memory.")
     L = min(max(lengths), max_seq_length)
+    L = min(-(-L // pad_to) * pad_to, max_seq_length)
     tokens = np.zeros((len(examples), L), dtype=np.int32)
     mask = np.zeros((len(examples), L), dtype=np.float32)
     for i, e in enumerate(examples):
@@ -649,8 +655,8 @@ def make_batch(examples: Sequence[Example], max_seq_length: int, mask_prompt: bo
 
 def iterate_batches(dataset: Dataset, batch_size: int, max_seq_length: int, mask_prompt: bool = False,
                     train: bool = False, rng: Optional[np.random.Generator] = None,
-                    warn: Optional[Callable[[str], None]] = None, rank: int = 0, world_size: int = 1
-                    ) -> Iterator[Optional[Tuple[mx.array, mx.array, mx.array]]]:
+                    warn: Optional[Callable[[str], None]] = None, rank: int = 0, world_size: int = 1,
+                    pad_to: int = 1) -> Iterator[Optional[Tuple[mx.array, mx.array, mx.array]]]:
     """Batches of similar lengths. Training: full batches in random order, forever. Evaluation:
     every example once, in order of length (the last batch may be smaller).
 
@@ -680,12 +686,16 @@ def iterate_batches(dataset: Dataset, batch_size: int, max_seq_length: int, mask
             if not rows:
                 yield None
                 continue
-            yield make_batch([dataset.examples[j] for j in rows], max_seq_length, mask_prompt, warn_once)
+            yield make_batch([dataset.examples[j] for j in rows], max_seq_length, mask_prompt, warn_once, pad_to)
         if not train:
             return
 
 
 # =============================================================================== loss, evaluation, training
+COMPILED_PAD_TO = 32   # training batches of a compiled update: lengths rounded up to a multiple of this
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
 def masked_loss(model, inputs: mx.array, targets: mx.array, mask: mx.array):
     """Mean cross-entropy over the counted targets; returns (loss, number of counted targets)."""
     logits = model(inputs)
@@ -735,6 +745,9 @@ class TrainingArgs:
     grad_accumulation_steps: int = 1
     mask_prompt: bool = False
     seed: int = 0
+    # One micro-batch per update: the whole update through mx.compile. None: on a GPU backend only;
+    # on MLX's CPU backend it was no faster (BENCHMARKS.md) and every new batch shape recompiles.
+    compile: Optional[bool] = None
 
 
 def _atomic_save_safetensors(path: Path, weights: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:
@@ -805,6 +818,22 @@ def train(model, optimizer, train_set: Dataset, valid_set: Optional[Dataset], ar
     model.train()
     if args.grad_checkpoint:
         enable_grad_checkpoint(model)
+    # Everything an update reads and writes, for mx.compile (and one mx.eval per update).
+    optimizer.init(model.trainable_parameters())
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def one_update(inputs, targets, mask):
+        """One micro-batch per update: forward, backward (summed over ranks) and the optimizer step;
+        returns (loss x tokens, tokens)."""
+        (loss, ntoks), g = loss_and_grad(model, inputs, targets, mask)
+        if wd.distributed:                # one fused all_sum: gradients, loss, tokens
+            g, loss, ntoks = dist.reduce_step(g, loss, ntoks, group)
+        optimizer.update(model, g)
+        return loss * ntoks, ntoks
+
+    compiled = accum == 1 and (args.compile if args.compile is not None else kernels.gpu_backend() is not None)
+    if compiled:
+        one_update = mx.compile(one_update, inputs=state, outputs=state)
 
     def validate(it):
         if valid_set is None or args.val_batches == 0:
@@ -818,32 +847,31 @@ def train(model, optimizer, train_set: Dataset, valid_set: Optional[Dataset], ar
     try:
         validate(0)
         batches = iterate_batches(train_set, global_batch, args.max_seq_length, args.mask_prompt,
-                                  train=True, rng=rng, warn=warn, rank=wd.rank, world_size=wd.size)
+                                  train=True, rng=rng, warn=warn, rank=wd.rank, world_size=wd.size,
+                                  pad_to=COMPILED_PAD_TO if compiled else 1)
         mx.reset_peak_memory()
         losses, window_tokens, window_steps, window_time, trained = 0.0, 0.0, 0, 0.0, 0
         for it in range(1, args.iters + 1):
             tic = time.perf_counter()
-            grads, step_loss, step_tokens = None, mx.array(0.0), mx.array(0.0)
-            for _ in range(accum):
-                inputs, targets, mask = next(batches)
-                (loss, ntoks), g = loss_and_grad(model, inputs, targets, mask)
-                if wd.distributed and accum == 1:     # one fused all_sum: gradients, loss, tokens
-                    g, loss, ntoks = dist.reduce_step(g, loss, ntoks, group)
-                elif wd.distributed:
-                    # this micro-batch's global gradient is sum_r n_r g_r / N: weigh the local one by
-                    # n_r / N now (N: a scalar all_sum), sum over ranks once after the last micro-batch
-                    share = ntoks / mx.distributed.all_sum(ntoks, group=group)
-                    g = tree_map(lambda a: a * share.astype(a.dtype), g)
-                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-                step_loss, step_tokens = step_loss + loss * ntoks, step_tokens + ntoks
-                if accum > 1:
+            if accum == 1:
+                step_loss, step_tokens = one_update(*next(batches))
+            else:   # eager: each micro-batch's gradients are evaluated before the next one's graph
+                grads, step_loss, step_tokens = None, mx.array(0.0), mx.array(0.0)
+                for _ in range(accum):
+                    inputs, targets, mask = next(batches)
+                    (loss, ntoks), g = loss_and_grad(model, inputs, targets, mask)
+                    if wd.distributed:
+                        # this micro-batch's global gradient is sum_r n_r g_r / N: weigh the local one by
+                        # n_r / N now (N: a scalar all_sum), sum over ranks once after the last micro-batch
+                        share = ntoks / mx.distributed.all_sum(ntoks, group=group)
+                        g = tree_map(lambda a: a * share.astype(a.dtype), g)
+                    grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+                    step_loss, step_tokens = step_loss + loss * ntoks, step_tokens + ntoks
                     mx.eval(grads, step_loss, step_tokens)
-            if wd.distributed and accum > 1:
-                grads, (step_loss, step_tokens) = dist.all_sum_tree((grads, [step_loss, step_tokens]), group)
-            if accum > 1:
-                grads = tree_map(lambda a: a / accum, grads)
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state, step_loss, step_tokens)
+                if wd.distributed:
+                    grads, (step_loss, step_tokens) = dist.all_sum_tree((grads, [step_loss, step_tokens]), group)
+                optimizer.update(model, tree_map(lambda a: a / accum, grads))
+            mx.eval(state, step_loss, step_tokens)
             window_time += time.perf_counter() - tic
             n = step_tokens.item()
             losses += step_loss.item()
@@ -961,6 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "lora_parameters, optimizer_config, lr_schedule)")
     p.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="recompute layer activations in the backward pass to save memory")
+    p.add_argument("--compile", choices=COMPILE_CHOICES,
+                   help="run each update through mx.compile: auto (default) on a GPU backend only, on, off")
     p.add_argument("--seed", type=int, help="PRNG seed (default 0)")
     return p
 
@@ -1028,6 +1058,10 @@ def resolve_options(argv=None) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be -1 or a non-negative integer, got {args[name]!r}")
     if isinstance(args["save_every"], bool) or not isinstance(args["save_every"], int) or args["save_every"] < 0:
         raise ValueError(f"--save-every must be a non-negative integer, got {args['save_every']!r}")
+    if isinstance(args["compile"], bool):        # YAML's true / false
+        args["compile"] = "on" if args["compile"] else "off"
+    if args["compile"] not in COMPILE_CHOICES:   # (a YAML config's value; the flag is checked by argparse)
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {args['compile']!r}")
     if args["fine_tune_type"] not in FINE_TUNE_TYPES:
         raise ValueError(f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, got {args['fine_tune_type']!r}")
     if not isinstance(args["learning_rate"], (int, float)) or isinstance(args["learning_rate"], bool):
@@ -1082,7 +1116,8 @@ def run(args: dict, report: Callable[[str], None] = print) -> dict:
                              steps_per_save=args["save_every"], max_seq_length=args["max_seq_length"],
                              adapter_file=adapter_path / ADAPTER_FILE, grad_checkpoint=bool(args["grad_checkpoint"]),
                              grad_accumulation_steps=args["grad_accumulation_steps"],
-                             mask_prompt=bool(args["mask_prompt"]), seed=args["seed"])
+                             mask_prompt=bool(args["mask_prompt"]), seed=args["seed"],
+                             compile={"auto": None, "on": True, "off": False}[args["compile"]])
         report(f"Starting training..., iters: {args['iters']}")
         result = train(model, optimizer, train_set, valid_set, targs, report, group)
     elif adapter_path.exists() and str(args["adapter_path"]) != "":

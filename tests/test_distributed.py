@@ -332,7 +332,7 @@ def test_lora_two_ranks_equal_one(ring, lora_setup):
     token-weighted combination reproduces the single-process step."""
     from mlx_megalodon import lora
     root = lora_setup
-    adam = ("--learning-rate", "1e-3")
+    adam = ("--learning-rate", "1e-3", "--compile", "on")   # the compiled update, all_sum inside
     sgd = ("--optimizer", "sgd", "--learning-rate", "0.2", "--grad-accumulation-steps", "2")
     jobs = {"one": lora_job(root, "one", 4, *adam), "two": lora_job(root, "two", 2, *adam),
             "one_acc": lora_job(root, "one_acc", 2, *sgd), "two_acc": lora_job(root, "two_acc", 1, *sgd)}

@@ -386,3 +386,78 @@ def test_perplexity_cli_applies_adapters(trained, model_dir, data_dir, tmp_path)
     assert base["tokens"] == tuned["tokens"] and tuned["adapter_path"] == str(ad)
     assert tuned["ppl"] < 0.5 * base["ppl"], (base["ppl"], tuned["ppl"])
 
+
+
+@pytest.mark.parametrize("fine_tune_type,extra", [("lora", ()), ("dora", ("--grad-checkpoint",)), ("full", ())])
+def test_the_compiled_update_trains_as_the_eager_one(model_dir, data_dir, tmp_path, monkeypatch, fine_tune_type,
+                                                     extra):
+    """On a GPU backend (here pretended), with one micro-batch per update, the whole update runs
+    through mx.compile (--compile off: eagerly): the same losses and adapters either way; with
+    gradient accumulation it stays eager."""
+    from mlx_megalodon import kernels
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "metal")
+    compiled = []
+    plain_compile = mx.compile
+
+    def counting_compile(fun, *args, **kwargs):
+        compiled.append(getattr(fun, "__name__", ""))
+        return plain_compile(fun, *args, **kwargs)
+    monkeypatch.setattr(mx, "compile", counting_compile)
+    runs = {}
+    for mode in ("compiled", "eager"):
+        flags = ("--compile", "off") if mode == "eager" else ()
+        compiled.clear()
+        runs[mode] = run(options(model_dir, data_dir, tmp_path / mode, "--iters", "10", "--num-layers", "1",
+                                 "--fine-tune-type", fine_tune_type, *extra, *flags), lambda s: None)
+        assert compiled.count("one_update") == (mode == "compiled"), compiled
+    a, b = runs["compiled"], runs["eager"]
+    assert [it for it, _ in a["train"]] == [it for it, _ in b["train"]] == [10]
+    assert a["train"][0][1] == pytest.approx(b["train"][0][1], rel=1e-4)
+    assert [v for _, v in a["val"]] == pytest.approx([v for _, v in b["val"]], rel=1e-4)
+    assert a["val"][-1][1] < a["val"][0][1]
+    wa, wb = mx.load(str(tmp_path / "compiled" / ADAPTER_FILE)), mx.load(str(tmp_path / "eager" / ADAPTER_FILE))
+    assert wa.keys() == wb.keys()
+    assert all(np.allclose(np.array(wa[k].astype(mx.float32)), np.array(wb[k].astype(mx.float32)), rtol=1e-3, atol=1e-5)
+               for k in wa)
+    if fine_tune_type == "lora":   # two micro-batches per update: eager, whatever the flag
+        compiled.clear()
+        run(options(model_dir, data_dir, tmp_path / "accum", "--iters", "2", "--num-layers", "1",
+                    "--grad-accumulation-steps", "2"), lambda s: None)
+        assert "one_update" not in compiled
+
+
+def test_the_update_is_eager_on_the_cpu_backend_and_compiled_batches_pad_to_32(model_dir, data_dir, tmp_path,
+                                                                             monkeypatch):
+    """No GPU backend: the update stays eager (it was no faster compiled on this CPU, and every new
+    batch shape would recompile). A compiled update's training batches are padded to a multiple of
+    COMPILED_PAD_TO (at most --max-seq-length); the padding is masked out."""
+    from mlx_megalodon import kernels
+    from mlx_megalodon.lora import COMPILED_PAD_TO, load_jsonl
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: None)
+    compiled = []
+    plain_compile = mx.compile
+    monkeypatch.setattr(mx, "compile", lambda fun, *a, **k: compiled.append(fun.__name__) or plain_compile(fun, *a, **k))
+    run(options(model_dir, data_dir, tmp_path / "cpu", "--iters", "2", "--num-layers", "1"), lambda s: None)
+    assert "one_update" not in compiled
+    run(options(model_dir, data_dir, tmp_path / "on", "--iters", "2", "--num-layers", "1", "--compile", "on"),
+        lambda s: None)
+    assert compiled.count("one_update") == 1
+    cfg = tmp_path / "c.yaml"
+    for text, want in (("compile: false\n", "off"), ("compile: true\n", "on"), ("compile: auto\n", "auto")):
+        cfg.write_text(text)
+        assert resolve_options(["--model", str(model_dir), "--train", "-c", str(cfg)])["compile"] == want
+    cfg.write_text("compile: sometimes\n")
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off, got 'sometimes'"):
+        resolve_options(["--model", str(model_dir), "--train", "-c", str(cfg)])
+    _, tok = load(model_dir)
+    examples = load_jsonl(data_dir / "train.jsonl", tok).examples[:3]
+    longest = max(len(e.tokens) for e in examples)
+    x, y, m = make_batch(examples, 2048)
+    xp, yp, mp = make_batch(examples, 2048, pad_to=COMPILED_PAD_TO)
+    assert x.shape[1] == longest - 1 and (xp.shape[1] + 1) % COMPILED_PAD_TO == 0 and xp.shape[1] >= x.shape[1]
+    n = x.shape[1]
+    assert np.array_equal(np.array(xp[:, :n]), np.array(x)) and np.array_equal(np.array(mp[:, :n]), np.array(m))
+    assert float(mp[:, n:].sum()) == 0.0
+    rounded = -(-longest // COMPILED_PAD_TO) * COMPILED_PAD_TO
+    assert rounded > longest + 1                                       # (so the cap below bites)
+    assert make_batch(examples, longest + 1, pad_to=COMPILED_PAD_TO)[0].shape[1] == longest   # capped
