@@ -391,11 +391,9 @@ def test_perplexity_cli_applies_adapters(trained, model_dir, data_dir, tmp_path)
 @pytest.mark.parametrize("fine_tune_type,extra", [("lora", ()), ("dora", ("--grad-checkpoint",)), ("full", ())])
 def test_the_compiled_update_trains_as_the_eager_one(model_dir, data_dir, tmp_path, monkeypatch, fine_tune_type,
                                                      extra):
-    """On a GPU backend (here pretended), with one micro-batch per update, the whole update runs
-    through mx.compile (--compile off: eagerly): the same losses and adapters either way; with
+    """With one micro-batch per update and --compile on (a GPU backend's default) the whole update
+    runs through mx.compile (--compile off: eagerly): the same losses and adapters either way; with
     gradient accumulation it stays eager."""
-    from mlx_megalodon import kernels
-    monkeypatch.setattr(kernels, "gpu_backend", lambda: "metal")
     compiled = []
     plain_compile = mx.compile
 
@@ -405,7 +403,7 @@ def test_the_compiled_update_trains_as_the_eager_one(model_dir, data_dir, tmp_pa
     monkeypatch.setattr(mx, "compile", counting_compile)
     runs = {}
     for mode in ("compiled", "eager"):
-        flags = ("--compile", "off") if mode == "eager" else ()
+        flags = ("--compile", "off" if mode == "eager" else "on")
         compiled.clear()
         runs[mode] = run(options(model_dir, data_dir, tmp_path / mode, "--iters", "10", "--num-layers", "1",
                                  "--fine-tune-type", fine_tune_type, *extra, *flags), lambda s: None)
@@ -422,23 +420,23 @@ def test_the_compiled_update_trains_as_the_eager_one(model_dir, data_dir, tmp_pa
     if fine_tune_type == "lora":   # two micro-batches per update: eager, whatever the flag
         compiled.clear()
         run(options(model_dir, data_dir, tmp_path / "accum", "--iters", "2", "--num-layers", "1",
-                    "--grad-accumulation-steps", "2"), lambda s: None)
+                    "--grad-accumulation-steps", "2", "--compile", "on"), lambda s: None)
         assert "one_update" not in compiled
 
 
 def test_the_update_is_eager_on_the_cpu_backend_and_compiled_batches_pad_to_32(model_dir, data_dir, tmp_path,
                                                                              monkeypatch):
-    """No GPU backend: the update stays eager (it was no faster compiled on this CPU, and every new
-    batch shape would recompile). A compiled update's training batches are padded to a multiple of
-    COMPILED_PAD_TO (at most --max-seq-length); the padding is masked out."""
+    """--compile auto: compiled on a GPU backend, eager on MLX's CPU backend (it was slower compiled
+    on this CPU). A compiled update's training batches are padded to a multiple of COMPILED_PAD_TO
+    (at most --max-seq-length); the padding is masked out. (gpu_backend is not patched here: kernel
+    dispatch caches its answer.)"""
     from mlx_megalodon import kernels
     from mlx_megalodon.lora import COMPILED_PAD_TO, load_jsonl
-    monkeypatch.setattr(kernels, "gpu_backend", lambda: None)
     compiled = []
     plain_compile = mx.compile
     monkeypatch.setattr(mx, "compile", lambda fun, *a, **k: compiled.append(fun.__name__) or plain_compile(fun, *a, **k))
     run(options(model_dir, data_dir, tmp_path / "cpu", "--iters", "2", "--num-layers", "1"), lambda s: None)
-    assert "one_update" not in compiled
+    assert compiled.count("one_update") == (kernels.gpu_backend() is not None)
     run(options(model_dir, data_dir, tmp_path / "on", "--iters", "2", "--num-layers", "1", "--compile", "on"),
         lambda s: None)
     assert compiled.count("one_update") == 1
