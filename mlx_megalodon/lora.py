@@ -746,7 +746,7 @@ class TrainingArgs:
     mask_prompt: bool = False
     seed: int = 0
     # One micro-batch per update: the whole update through mx.compile. None: on a GPU backend only;
-    # on MLX's CPU backend it was no faster (BENCHMARKS.md) and every new batch shape recompiles.
+    # on MLX's CPU backend it was about 8% slower (benchmarks/LORA.md): new shapes recompile.
     compile: Optional[bool] = None
 
 
