@@ -170,6 +170,17 @@ def summarize(path: str, json_out: str | None):
                                               "timeline": timeline}, indent=2) + "\n")
 
 
+def json_object(text: str) -> dict:
+    """argparse type of --overrides (here and in train_loop_throughput.py): a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
 def cuda_profiler():
     """(start, stop) callables of the CUDA runtime's profiler API, from whichever libcudart loads."""
     candidates = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
@@ -327,18 +338,14 @@ def main(argv=None):
                         "batch; with --host its batch draw, graph build and async_eval are marked")
     p.add_argument("--batches", default="numpy", choices=("numpy", "resident", "staged"),
                    help="with --library-loop: how batches reach the loop (train_loop_throughput.py --batches)")
-    p.add_argument("--overrides", default="{}", help="JSON of ModelArgs fields over the preset's (tests)")
+    p.add_argument("--overrides", type=json_object, default={},
+                   help="JSON of ModelArgs fields over the preset's (tests)")
     p.add_argument("--dtype", default="bfloat16")
     a = p.parse_args(argv)
     if a.host and not a.torch_profiler:
         p.error("--host needs --torch-profiler")
     if a.seq_len < 1 or a.rows < 1 or a.warmup < 1 or a.steps < 1:
         p.error("--seq-len, --rows, --warmup and --steps must be at least 1")
-    try:
-        a.overrides = json.loads(a.overrides)
-        assert isinstance(a.overrides, dict)
-    except (ValueError, AssertionError):
-        p.error(f"--overrides: not a JSON object: {a.overrides!r}")
     if a.summarize:
         summarize(a.summarize, a.json)
     else:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mlx_megalodon.config import preset  # noqa: E402
 from mlx_megalodon.data import PackedDataset, TokenStream  # noqa: E402
 from mlx_megalodon.train import TrainConfig, new_model, train, use_large_cuda_graphs  # noqa: E402
+from benchmarks.step_kernels import json_object  # noqa: E402
 
 
 def resident_iterator_class(n_batches: int):
@@ -161,7 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="numpy", choices=BATCH_MODES,
                    help="numpy: drawn and converted every step, as the CLI does; resident: all converted "
                         "before the loop; staged: written each step into a few MLX arrays made once")
-    p.add_argument("--overrides", default="{}", help="JSON of ModelArgs fields over the preset's (tests)")
+    p.add_argument("--overrides", type=json_object, default={},
+                   help="JSON of ModelArgs fields over the preset's (tests)")
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
     if a.iters < 4:
@@ -172,15 +174,10 @@ def main(argv=None) -> int:
         p.error(f"--seq-lens: not a comma list of integers: {a.seq_lens!r}")
     if not lens or min(lens) < 1 or a.tokens_per_step < max(lens):
         p.error("--seq-lens must be positive and each at most --tokens-per-step")
-    try:
-        overrides = json.loads(a.overrides)
-        assert isinstance(overrides, dict)
-    except (ValueError, AssertionError):
-        p.error(f"--overrides: not a JSON object: {a.overrides!r}")
     use_large_cuda_graphs()   # as the training CLI does, before the first GPU evaluation
     rows_out = []
     for L in lens:
-        r = measure(a.preset, L, a.tokens_per_step // L, a.iters, batches=a.batches, **overrides)
+        r = measure(a.preset, L, a.tokens_per_step // L, a.iters, batches=a.batches, **a.overrides)
         rows_out.append(r)
         print(f"{a.preset} seq {L:>7,d} x {r['rows']:>3d} ({r['batches']} batches): {r['tokens_per_s']:>10,.0f} tok/s  "
               f"peak {r['peak_memory_gb']:.2f} GB  loss {r['last_loss']:.3f}", flush=True)
